@@ -20,9 +20,7 @@ def build_dataset(cfg, # run config
     d = cfg.data
     if d.source == 'synth':
         from amt_lib.data.synthetic import SynthHOI
-        sizes = dict(train=d.train_size, val=d.val_size, test=d.val_size)
-        if split not in sizes: raise ValueError(f'unknown split {split!r} for SynthHOI; expected train, val or test')
-        return SynthHOI(split=split, n=sizes[split], seed=d.synth_seed)
+        return SynthHOI.from_config(cfg, split)   # sizes, seed, image size, crop margin, grasp share
     if d.source == 'dexycb':
         from amt_lib.data.dexycb import DexYCB
         return DexYCB(d.root, d.setup, split, skip_no_hand=bool(d.skip_no_hand) and split == d.train_split,
