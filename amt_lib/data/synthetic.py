@@ -14,11 +14,11 @@ from torch.utils.data import Dataset
 
 # %% auto #0
 __all__ = ['YCB_CLASSES', 'BOX', 'CYLINDER', 'ELLIPSOID', 'YCB_PRIMITIVES', 'FINGER_JOINTS', 'JOINT_LIMITS', 'SKIN_TONES',
-           'SPLIT_IDS', 'primitive_mesh', 'points_sdf', 'rasterize', 'background', 'shade', 'vertex_normals', 'HandRig',
-           'hand_rig', 'sample_hand_style', 'finger_pose', 'axis_rotation', 'matrix_to_axis_angle_np',
-           'sample_global_rotation', 'hand_crop_box', 'crop_K', 'project', 'press_distance', 'YCBPrimitiveSet',
-           'ycb_primitives', 'random_rotation', 'sample_scene', 'sample_appearance', 'render_scene', 'SynthHOI',
-           'bench_synthhoi', 'cli_bench_synth']
+           'SPLIT_IDS', 'SYNTH_VERSION', 'primitive_mesh', 'points_sdf', 'rasterize', 'background', 'shade',
+           'vertex_normals', 'HandRig', 'hand_rig', 'sample_hand_style', 'finger_pose', 'axis_rotation',
+           'matrix_to_axis_angle_np', 'sample_global_rotation', 'hand_crop_box', 'crop_K', 'project', 'press_distance',
+           'YCBPrimitiveSet', 'ycb_primitives', 'random_rotation', 'sample_scene', 'sample_appearance', 'render_scene',
+           'SynthHOI', 'bench_synthhoi', 'cli_bench_synth']
 
 # %% ../../nbs/04_data.synthetic.ipynb #f0790e6b
 YCB_CLASSES = ('002_master_chef_can', '003_cracker_box', '004_sugar_box', '005_tomato_soup_can',
@@ -737,6 +737,8 @@ def render_scene(scene:dict, app:dict, # from `sample_scene` and `sample_appeara
 # %% ../../nbs/04_data.synthetic.ipynb #734a5336
 SPLIT_IDS = {'train': 0, 'val': 1, 'test': 2}
 
+SYNTH_VERSION = 1   # bump when a change to the generator changes the samples (invalidates caches)
+
 class SynthHOI(Dataset):
     "Procedural hand-object data set returning THE SAMPLE (DexYCB-shaped, deterministic per split, seed and index)."
     def __init__(self, split:str='train', # train | val | test: disjoint random streams
@@ -761,6 +763,11 @@ class SynthHOI(Dataset):
 
     def __len__(self): return self.n
     def __repr__(self): return f'SynthHOI(split={self.split!r}, n={self.n}, seed={self.seed}, image_size={self.image_size})'
+    @property
+    def cache_key(self) -> str:
+        "Names this split's content for the device cache; bump `SYNTH_VERSION` when the generator changes."
+        return (f'synthhoi-v{SYNTH_VERSION}-{self.split}-n{self.n}-seed{self.seed}-s{self.image_size}'
+                f'-m{self.crop_margin:g}-g{self.grasp_share:g}')
 
     def rng(self, i:int) -> np.random.Generator:
         "The random generator of sample i: SeedSequence([seed, split id, i])."

@@ -69,8 +69,9 @@ def build_model(cfg, # a config from `load_config` (uses `model` and `data.image
     share = float(m.head_checkpoint_share)
     if not 0. <= share <= 1.: raise ValueError(f'model.head_checkpoint_share={share}: expected 0..1')
     H, heads, L, p = int(m.hidden_dim), int(m.num_heads), int(m.num_layers), float(m.dropout)
-    hand = HandEncoder(token_dim, H, heads, L, int(m.point_hidden), p, S, m.mano_path, share)
-    obj = ObjectEncoder(token_dim, H, heads, L, int(m.num_objects), int(m.num_classes), p, S, share)
+    grid = S // int(m.backbone.patch_size)
+    hand = HandEncoder(token_dim, H, heads, L, int(m.point_hidden), p, S, m.mano_path, share, grid)
+    obj = ObjectEncoder(token_dim, H, heads, L, int(m.num_objects), int(m.num_classes), p, S, share, grid)
     refiner = PixelAlignedRefiner(token_dim, H, heads, int(m.refine_layers), H, H, 21, int(m.num_objects),
                                   int(m.refine_steps), p, S, share)
     contact = ContactEncoder(H, H, int(m.contact_hidden), heads, 21, p)

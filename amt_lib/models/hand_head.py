@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from ..geometry import rot6d_to_matrix, matrix_to_rot6d, axis_angle_to_matrix, matrix_to_axis_angle
 from ..hand_model import MANOLayer, local_frames, multi_coordinate_features
-from .sigma_reparam import Block, BlockStack, Mlp, CameraPositionHead, small_init_
+from .sigma_reparam import Block, BlockStack, Mlp, CameraPositionHead, SpatialSummary, small_init_
 
 # %% auto #0
 __all__ = ['ROOT_JOINT', 'MultiCoordinateEncoder', 'HandEncoder']
@@ -44,11 +44,14 @@ class HandEncoder(nn.Module):
                  point_hidden:int=128, # width of the multi-coordinate PointNet
                  dropout:float=0.1, image_size:int=224,
                  mano_path:str|None=None, # model.mano_path (None: the generated hand model)
-                 checkpoint_share:float=0.):
+                 checkpoint_share:float=0.,
+                 grid:int|None=None, # patches per side; None: image_size // 14
+                ):
         super().__init__()
         self.mano = MANOLayer(mano_path)
         self.in_proj = nn.Sequential(nn.Linear(token_dim, dim), nn.LayerNorm(dim))
         self.query = nn.Parameter(torch.randn(1, 1, dim))
+        self.spatial = SpatialSummary(dim, grid or image_size // 14, dropout=dropout)   # layout-aware start for the query
         self.decoder = BlockStack([Block(dim, num_heads, dropout=dropout, self_attn=False, cross_attn=True)
                                    for _ in range(num_layers)], checkpoint_share)
         self.norm = nn.LayerNorm(dim)
@@ -68,7 +71,8 @@ class HandEncoder(nn.Module):
                ) -> dict[str, Tensor]:
         ctx = self.in_proj(tokens) if ctx is None else ctx                             # (B,T,dim)
         B = ctx.shape[0]
-        h = self.norm(self.decoder(self.query.expand(B, -1, -1), ctx))[:, 0]           # (B,dim)
+        q = self.query.expand(B, -1, -1) + self.spatial(ctx)[:, None]                   # (B,1,dim)
+        h = self.norm(self.decoder(q, ctx))[:, 0]                                        # (B,dim)
         rot = rot6d_to_matrix(self.pose_head(h).view(B, 16, 6))                        # (B,16,3,3)
         pose = matrix_to_axis_angle(rot).reshape(B, 48)
         betas = self.betas_head(h)

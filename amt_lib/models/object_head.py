@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .sigma_reparam import Block, BlockStack, CameraPositionHead, small_init_
+from .sigma_reparam import Block, BlockStack, CameraPositionHead, SpatialSummary, small_init_
 
 # %% auto #0
 __all__ = ['ObjectEncoder']
@@ -17,11 +17,14 @@ class ObjectEncoder(nn.Module):
     "Object queries cross-attending image tokens -> positions (B,Q,3), unit quaternions (B,Q,4) w-first, class logits (B,Q,C)."
     def __init__(self, token_dim:int, # width of the concatenated multi-scale tokens
                  dim:int=256, num_heads:int=8, num_layers:int=2, num_objects:int=10, num_classes:int=22,
-                 dropout:float=0.1, image_size:int=224, checkpoint_share:float=0.):
+                 dropout:float=0.1, image_size:int=224, checkpoint_share:float=0.,
+                 grid:int|None=None, # patches per side; None: image_size // 14
+                ):
         super().__init__()
         self.num_objects = num_objects
         self.in_proj = nn.Sequential(nn.Linear(token_dim, dim), nn.LayerNorm(dim))
         self.queries = nn.Parameter(torch.randn(num_objects, dim))
+        self.spatial = SpatialSummary(dim, grid or image_size // 14, dropout=dropout)   # layout-aware start for the queries
         self.decoder = BlockStack([Block(dim, num_heads, dropout=dropout, self_attn=True, cross_attn=True)
                                    for _ in range(num_layers)], checkpoint_share)
         self.norm = nn.LayerNorm(dim)
@@ -34,7 +37,7 @@ class ObjectEncoder(nn.Module):
                 ctx:Tensor|None=None, # (B,T,dim) already projected tokens (skips in_proj)
                ) -> dict[str, Tensor]:
         ctx = self.in_proj(tokens) if ctx is None else ctx                  # (B,T,dim)
-        q = self.queries.unsqueeze(0).expand(ctx.shape[0], -1, -1)          # (B,Q,dim)
+        q = self.queries.unsqueeze(0) + self.spatial(ctx)[:, None]           # (B,Q,dim)
         f = self.norm(self.decoder(q, ctx))                                 # (B,Q,dim)
         quat = F.normalize(self.rot_head(f), dim=-1, eps=1e-6)
         return dict(pos=self.pos_head(f, K), rot=quat, logits=self.cls_head(f), feat=f)

@@ -12,8 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 # %% auto #0
 __all__ = ['DEPTH_PER_FOCAL', 'no_power_iteration', 'SigmaReparamLinear', 'apply_sigma_reparam', 'sigma_reparam_layers',
-           'sigma_reparam_regularizer', 'Mlp', 'Attention', 'Block', 'BlockStack', 'pixel_to_camera', 'small_init_',
-           'CameraPositionHead']
+           'sigma_reparam_regularizer', 'Mlp', 'Attention', 'Block', 'BlockStack', 'SpatialSummary', 'pixel_to_camera',
+           'small_init_', 'CameraPositionHead']
 
 # %% ../../nbs/06a_models.sigma_reparam.ipynb #a57cfd97
 _POWER_ITERATION = [True]
@@ -184,6 +184,24 @@ class BlockStack(nn.Module):
 
 def _run_block_fixed_sigma(b:Block, x:Tensor, ctx:Tensor|None) -> Tensor:
     with no_power_iteration(): return b(x, ctx)
+
+# %% ../../nbs/06a_models.sigma_reparam.ipynb #4ef45a70
+class SpatialSummary(nn.Module):
+    "Patch tokens on a g×g grid -> one vector that keeps their layout (flatten a few channels per patch, then an MLP)."
+    def __init__(self, dim:int, # token width in and out
+                 grid:int, # patches per side (image_size // patch_size)
+                 channels:int=8, # channels kept per patch
+                 dropout:float=0.):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(dim, channels)
+        self.mlp = Mlp(channels * grid * grid, dim, dim, dropout)
+        self.norm = nn.LayerNorm(dim)
+    def forward(self, ctx:Tensor, # (B,1+g²,dim) tokens, CLS first
+               ) -> Tensor: # (B,dim)
+        patches = ctx[:, -self.grid * self.grid:]                  # (B,g²,dim)
+        return self.norm(self.mlp(self.proj(patches).flatten(1)))   # (B,dim)
+
 
 # %% ../../nbs/06a_models.sigma_reparam.ipynb #44532beb
 DEPTH_PER_FOCAL = 1e-3  # metres of depth per pixel of focal length at zero log-depth
