@@ -72,7 +72,8 @@ def warp_affine(
     lead, (C, H, W) = image.shape[:-3], image.shape[-3:]
     img = image.reshape(-1, C, H, W)
     Ainv = torch.linalg.inv(A.to(torch.float64)).expand(*lead, 3, 3).reshape(-1, 3, 3)
-    v, u = torch.meshgrid(torch.arange(Ho, dtype=torch.float64), torch.arange(Wo, dtype=torch.float64), indexing='ij')
+    f64 = dict(dtype=torch.float64, device=image.device)                    # the grid lives with the image (CPU or GPU)
+    v, u = torch.meshgrid(torch.arange(Ho, **f64), torch.arange(Wo, **f64), indexing='ij')
     pout = torch.stack([u, v, torch.ones_like(u)], -1).reshape(1, -1, 3)     # (1,Ho*Wo,3)
     pin = pout @ Ainv.transpose(-1, -2)                                      # (B,Ho*Wo,3)
     gx = (pin[..., 0] + 0.5) / W * 2 - 1                                     # align_corners=False normalisation

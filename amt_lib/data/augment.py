@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 import roma
-from ..geometry import camera_axis_rotation, project_points
+from ..geometry import camera_axis_rotation, project_points, warp_affine
 
 # %% auto #0
 __all__ = ['GEOMETRIC_KEYS', 'augment_matrices', 'warp_images', 'color_jitter', 'sample_augment_params', 'augment_batch',
@@ -42,17 +42,8 @@ def warp_images(img: torch.Tensor, # (B,C,H,W) or (B,H,W) images, any dtype
     "Resample images under the pixel maps `M` (output pixel x' shows input pixel M^-1 x')."
     squeeze = img.ndim == 3
     x = img[:, None] if squeeze else img
-    B, C, H, W = x.shape
-    Ho, Wo = out_size or (H, W)
-    ys, xs = torch.meshgrid(torch.arange(Ho, device=x.device, dtype=torch.float64),
-                            torch.arange(Wo, device=x.device, dtype=torch.float64), indexing='ij')
-    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(1, -1, 3)           # (1,HoWo,3)
-    src = pix @ torch.linalg.inv(M.to(torch.float64)).transpose(1, 2)                 # (B,HoWo,3)
-    src = src[..., :2] / src[..., 2:]
-    grid = torch.stack([(2 * src[..., 0] + 1) / W - 1, (2 * src[..., 1] + 1) / H - 1], -1)
-    grid = grid.reshape(B, Ho, Wo, 2)
     xf = x if x.is_floating_point() else x.float()
-    out = F.grid_sample(xf, grid.to(xf.dtype), mode=mode, padding_mode='zeros', align_corners=False)
+    out = warp_affine(xf, M.to(xf.device), out_size or tuple(x.shape[-2:]), mode)   # geometry's resampler
     if not x.is_floating_point(): out = out.round().to(x.dtype)
     return out[:, 0] if squeeze else out
 
