@@ -115,6 +115,44 @@ def test_labels_round_trip(tree):
     assert sides == {'right', 'left'}
 
 
+def test_fixture_is_one_rendered_scene_per_sequence(tree):
+    """The fixture's pixels show its labels (right and mirrored left hands), and a sequence is one grasp seen by every camera."""
+    ds = DexYCB(tree, 's0', 'train')
+    hits, by_seq = {'left': [], 'right': []}, {}
+    for i in range(len(ds)):
+        paths, meta = ds.frame_paths(i), ds[i]['meta']
+        lab = np.load(paths['label'])
+        seg, depth = lab['seg'], np.asarray(__import__('PIL.Image', fromlist=['Image']).open(paths['depth']))
+        assert ((seg > 0) == (depth > 0)).all()                            # every drawn pixel has depth, and only those
+        if np.all(lab['joint_3d'] == -1):
+            assert not (seg == 255).any() and (seg > 0).any()                # no hand drawn; the objects are
+            continue
+        uv = np.round(lab['joint_2d'][0]).astype(int)
+        inside = (uv[:, 0] >= 2) & (uv[:, 0] < 638) & (uv[:, 1] >= 2) & (uv[:, 1] < 478)
+        zj = lab['joint_3d'][0][inside, 2]
+        # a joint's pixel shows the hand (within 2 px), or an object in front of the joint that hides it
+        on = [(seg[v - 2:v + 3, u - 2:u + 3] == 255).any() or (0 < seg[v, u] < 255 and depth[v, u] / 1000 < z)
+              for (u, v), z in zip(uv[inside], zj)]
+        hits[meta['mano_side']].append(np.mean(on))
+        # the visible surface at a joint's pixel is never behind the joint by more than a finger's half thickness
+        z = depth[uv[inside, 1], uv[inside, 0]] / 1000
+        drawn = z > 0
+        dz = z[drawn] - lab['joint_3d'][0][inside][drawn, 2]
+        assert dz.max() < 0.012, dz.max()
+        by_seq.setdefault(meta['sequence'], []).append(lab)
+    for side in ('left', 'right'):                                         # a wrong mirror puts the joints off the hand
+        assert len(hits[side]) >= 8 and min(hits[side]) > 0.9, (side, hits[side])
+    for name, labs in by_seq.items():
+        assert len(labs) >= 2
+        for lab in labs[1:]:                                               # same finger articulation in every view ...
+            np.testing.assert_allclose(lab['pose_m'][0, 3:48], labs[0]['pose_m'][0, 3:48], atol=1e-4)
+            d0 = np.linalg.norm(labs[0]['joint_3d'][0][:, None] - labs[0]['joint_3d'][0][None], axis=-1)
+            d1 = np.linalg.norm(lab['joint_3d'][0][:, None] - lab['joint_3d'][0][None], axis=-1)
+            np.testing.assert_allclose(d1, d0, atol=1e-5)                  # ... and the same hand, moved rigidly
+        views = {(round(float(lab['pose_y'][0, 0, 3]), 4)) for lab in labs}
+        assert len(views) == len(labs)                                     # but every camera / frame sees it differently
+
+
 def test_skip_no_hand_keeps_official_indices(tree):
     full = DexYCB(tree, 's0', 'train')
     ds = DexYCB(tree, 's0', 'train', skip_no_hand=True)

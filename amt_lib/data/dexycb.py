@@ -12,6 +12,8 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset
 from .augment import warp_images
+from .synthetic import (sample_scene, sample_appearance, render_scene, hand_rig, ycb_primitives,
+                                    axis_rotation, matrix_to_axis_angle_np, random_rotation)
 
 # %% auto #0
 __all__ = ['SUBJECTS', 'SERIALS', 'YCB_CLASSES', 'SEQUENCES_PER_SUBJECT', 'FRAME_W', 'FRAME_H', 'MAX_OBJECTS', 'COLOR_FMT',
@@ -487,39 +489,26 @@ class DexYCB(Dataset):
         return f'DexYCB({self.root}, setup={self.setup!r}, split={self.split!r}, {len(self)} samples)'
 
 # %% ../../nbs/05a_data.dexycb.ipynb #e56093c8
-def _fixture_object_half_sizes(ycb_id: int) -> np.ndarray:
-    "Half extents (m) of the box that stands in for YCB class `ycb_id` in fixture trees."
-    r = np.random.default_rng(1000 + ycb_id)
-    return np.round(r.uniform(0.02, 0.06, 3), 3)
+def _view(rs: np.random.Generator, # the sequence's generator (draws its drift and turn once)
+          cams: list[int], frames: int,
+         ) -> dict: # (camera, frame) -> rotation (3,3) about the scene centre and offset (3,), metres
+    "Each camera's view of each frame: the scene drifts and turns a little per frame; camera c looks from its own side."
+    axis, turn, drift = rs.normal(size=3), rs.uniform(0.02, 0.05), rs.normal(0, 0.004, 3)
+    out = {}
+    for c in cams:
+        Rc = axis_rotation([0, 1, 0], (c - 3.5) * 0.08) @ axis_rotation([1, 0, 0], (c % 2 - 0.5) * 0.1)
+        for f in range(frames):
+            out[c, f] = Rc @ axis_rotation(axis / np.linalg.norm(axis), turn * f), Rc @ (drift * f)
+    return out
 
-def _box(h):
-    v = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float) * h
-    f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
-                  [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
-    return v, f
+def _posed(layer, pose: np.ndarray, betas: np.ndarray, root: np.ndarray) -> tuple:
+    "MANO joints (21,3), verts (778,3) and translation (3,) of `pose` with the root joint at `root`."
+    with torch.no_grad():
+        o = layer(torch.from_numpy(pose)[None], torch.from_numpy(betas)[None], torch.zeros(1, 3, dtype=torch.float64))
+    trans = root - o['joints'][0, 0].numpy()
+    return o['joints'][0].numpy() + trans, o['verts'][0].numpy() + trans, trans
 
-def _random_rotation(rng) -> np.ndarray:
-    q = rng.normal(size=4); q /= np.linalg.norm(q)
-    w, x, y, z = q
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
-
-def _splat(points, ids, K, seg, zbuf, radius=2):
-    "Z-buffered splat of camera-frame points with labels `ids` into seg / zbuf (H,W), in place."
-    z = points[:, 2]; ok = z > 0.05
-    points, ids, z = points[ok], ids[ok], z[ok]
-    uv = points @ K.T; uv = np.round(uv[:, :2] / uv[:, 2:]).astype(np.int64)
-    H, W = seg.shape
-    order = np.argsort(-z)                                                # far first, near last (near wins)
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            u, v = uv[order, 0] + dx, uv[order, 1] + dy
-            m = (u >= 0) & (u < W) & (v >= 0) & (v < H)
-            zz, ii, uu, vv = z[order][m], ids[order][m], u[m], v[m]
-            closer = zz < zbuf[vv, uu]
-            # several points can hit one pixel: assign in far-to-near order, so the nearest is written last
-            seg[vv[closer], uu[closer]] = ii[closer]; zbuf[vv[closer], uu[closer]] = zz[closer]
+_MIRROR = np.diag([-1., 1., 1.])   # camera-frame mirror x -> -x: a right hand seen in it is a left hand
 
 def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents too)
                          subjects: int | list[int] = 10, # how many (the first n) or which subject indices 0..9
@@ -530,18 +519,20 @@ def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents to
                          left_subjects: tuple[int, ...] = (1,), # subject indices whose hand is a left hand
                          no_hand_every: int = 3, # frame 0 of every k-th sequence has no hand (0: never)
                          files: str = 'all', # all | meta (meta.yml, calibration and camera folders only)
-                         mano_dir: str | os.PathLike | None = None, # MANO files; None -> the generated model
+                         mano_dir: str | os.PathLike | None = None, # MANO files for the labels; None -> the generated model
                          seed: int = 0,
                          jpeg_quality: int = 95,
                         ) -> Path: # the root
-    "Write a small DexYCB-format tree (labels from the hand model, simple splatted 640x480 images)."
+    "Write a small DexYCB-format tree: one SynthHOI grasp scene per sequence, rendered by every camera at every frame."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     subj = list(range(subjects)) if isinstance(subjects, int) else list(subjects)
     cams = list(range(serials)) if isinstance(serials, int) else list(serials)
     nseq = [sequences_per_subject] * len(subj) if isinstance(sequences_per_subject, int) else list(sequences_per_subject)
     if files not in ('all', 'meta'): raise ValueError(f"files must be 'all' or 'meta', got {files!r}")
+    if not 1 <= objects_per_sequence <= MAX_OBJECTS:
+        raise ValueError(f'objects_per_sequence must be 1..{MAX_OBJECTS}, got {objects_per_sequence}')
     (root/'amt_fixture.yml').write_text(yaml.safe_dump(dict(writer='amt_lib.data.dexycb.write_dexycb_fixture',
-        mano='generated' if mano_dir is None else str(mano_dir), seed=seed)))
+        scenes='SynthHOI', mano='generated' if mano_dir is None else str(mano_dir), seed=seed)))
     Ks = {}
     for c in range(8):
         K = np.array([[612. + 2 * c, 0, 318. + c], [0, 611. + 2 * c, 242. - c], [0, 0, 1]])
@@ -549,7 +540,9 @@ def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents to
         p = root/'calibration'/'intrinsics'/f'{SERIALS[c]}_{FRAME_W}x{FRAME_H}.yml'; p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(yaml.safe_dump(dict(color=dict(fx=float(K[0, 0]), fy=float(K[1, 1]), ppx=float(K[0, 2]), ppy=float(K[1, 2])),
                                          depth=dict(fx=float(K[0, 0]), fy=float(K[1, 1]), ppx=float(K[0, 2]), ppy=float(K[1, 2])))))
-    layers, pcas, models = {}, {}, {}
+    layers, pcas, written = {}, {}, set()
+    rig, prims = hand_rig(), ycb_primitives()
+    flip_aa = np.tile([1., -1., -1.], 16)                                 # axis-angle of every joint under _MIRROR
     for si, n in zip(subj, nseq):
         side = 'left' if si in left_subjects else 'right'
         calib = f'{SUBJECTS[si]}_{side}'
@@ -562,7 +555,7 @@ def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents to
             name = f'{date}_{10 + q // 60:02d}{q % 60:02d}{(7 * q) % 60:02d}'
             sdir = root/SUBJECTS[si]/name
             rq = np.random.default_rng([seed, si, q, 1])
-            ycb_ids = [int(i) for i in rq.choice(np.arange(1, 22), min(objects_per_sequence, MAX_OBJECTS), replace=False)]
+            ycb_ids = [int(i) for i in rq.choice(np.arange(1, 22), objects_per_sequence, replace=False)]
             grasp = int(rq.integers(len(ycb_ids)))
             sdir.mkdir(parents=True, exist_ok=True)
             (sdir/'meta.yml').write_text(yaml.safe_dump(dict(serials=[SERIALS[c] for c in cams], num_frames=frames,
@@ -572,54 +565,55 @@ def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents to
             if files == 'meta': continue
             if side not in layers:
                 from amt_lib.hand_model import MANOLayer
-                layers[side] = MANOLayer(_mano_file(mano_dir, side), side=side).eval(); pcas[side] = ManoPCA(mano_dir, side)
-            for y in ycb_ids:
-                if y not in models:
-                    v, f = _box(_fixture_object_half_sizes(y))
-                    write_obj(root/'models'/YCB_CLASSES[y]/'textured_simple.obj', v, f)
-                    models[y] = sample_surface(v, f, 3000, seed=y)
-            for c in cams:
-                K = Ks[SERIALS[c]]
-                for fr in range(frames):
-                    rf = np.random.default_rng([seed, si, q, c, fr])
-                    has_hand = not (no_hand_every and q % no_hand_every == 0 and fr == 0)
-                    pose = np.concatenate([rf.normal(0, 0.6, 3), rf.normal(0, 0.15, 45)])
-                    trans = np.array([rf.uniform(-0.08, 0.08), rf.uniform(-0.06, 0.06), rf.uniform(0.45, 0.7)])
-                    with torch.no_grad():
-                        o = layers[side](torch.tensor(pose, dtype=torch.float32)[None], torch.tensor(betas, dtype=torch.float32)[None],
-                                         torch.tensor(trans, dtype=torch.float32)[None])
-                    verts, j3 = o['verts'][0].double().numpy(), o['joints'][0].double().numpy()
-                    pose_y = np.zeros((len(ycb_ids), 3, 4), np.float32)
-                    for k, y in enumerate(ycb_ids):
-                        R, h = _random_rotation(rf), _fixture_object_half_sizes(y)
-                        if k == grasp and has_hand:        # middle fingertip on the face whose outward normal is local +z
-                            t = j3[12] - R @ np.array([0, 0, h[2]])
-                        else:                              # away from the hand (and from the grasp position)
-                            ang = 2 * np.pi * (k + 1) / (len(ycb_ids) + 1)
-                            t = j3[0] + np.array([0.4 * np.cos(ang), 0.35 * np.sin(ang), 0.25])
-                        pose_y[k, :, :3], pose_y[k, :, 3] = R, t
-                    seg = np.zeros((FRAME_H, FRAME_W), np.uint8); zbuf = np.full((FRAME_H, FRAME_W), np.inf)
-                    for k, y in enumerate(ycb_ids):
-                        P = models[y] @ pose_y[k, :, :3].T.astype(np.float64) + pose_y[k, :, 3]
-                        _splat(P, np.full(len(P), y, np.uint8), K, seg, zbuf)
-                    if has_hand: _splat(verts, np.full(len(verts), 255, np.uint8), K, seg, zbuf, radius=3)
-                    depth = np.where(np.isfinite(zbuf), zbuf, 0)
-                    shade = np.clip(1.3 - depth, 0.3, 1)[..., None]
-                    pal = np.array([[60, 60, 70]] + [[(37 * i) % 200 + 40, (91 * i) % 200 + 40, (53 * i) % 200 + 40]
-                                                     for i in range(1, 256)], np.float64)
-                    pal[255] = [225, 170, 140]
-                    rgb = np.clip(pal[seg] * np.where(seg[..., None] > 0, shade, 1) + rf.normal(0, 4, (FRAME_H, FRAME_W, 3)), 0, 255)
-                    if has_hand:
-                        j2 = j3 @ K.T; j2 = j2[:, :2] / j2[:, 2:]
-                        pose_m = pcas[side].encode(pose, trans)[None].astype(np.float32)
-                        j3w, j2w = j3[None].astype(np.float32), j2[None].astype(np.float32)
-                    else:
-                        pose_m = np.zeros((1, 51), np.float32)
-                        j3w, j2w = -np.ones((1, 21, 3), np.float32), -np.ones((1, 21, 2), np.float32)
-                    d = sdir/SERIALS[c]
-                    Image.fromarray(rgb.astype(np.uint8)).save(d/COLOR_FMT.format(fr), quality=jpeg_quality)
-                    Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(d/DEPTH_FMT.format(fr))
-                    np.savez_compressed(d/LABEL_FMT.format(fr), seg=seg, pose_y=pose_y, pose_m=pose_m, joint_3d=j3w, joint_2d=j2w)
+                layers[side] = MANOLayer(_mano_file(mano_dir, side), side=side).double().eval(); pcas[side] = ManoPCA(mano_dir, side)
+            for y in set(ycb_ids) - written:
+                write_obj(root/'models'/YCB_CLASSES[y]/'textured_simple.obj', prims.mesh[y - 1][0], prims.mesh[y - 1][2])
+                written.add(y)
+            # the sequence's scene: the right hand grasps ycb_ids[grasp]; the others stand free beside it
+            rsc, gy = np.random.default_rng([seed, si, q, 2]), ycb_ids[grasp]
+            for _ in range(20):                             # a rare scene whose object does not reach the palm is redrawn
+                sc = sample_scene(rsc, 1.0, rig, prims, classes=[gy] + [y for y in ycb_ids if y != gy], betas=betas)
+                if any(c == gy and k for (c, _, _), k in zip(sc['objects'], sc['contact'])): break
+            else: raise RuntimeError(f'write_dexycb_fixture: no grasp of YCB id {gy} in 20 scenes ({sdir})')
+            centre, placed = sc['joints'].mean(0), {c: (R, t) for c, R, t in sc['objects']}
+            for k, y in enumerate(ycb_ids):                 # no free place near the hand: well away from it
+                if y not in placed:
+                    a = 2 * np.pi * (k + 1) / (len(ycb_ids) + 1)
+                    d = np.array([np.cos(a), 0.6 * np.sin(a), 0.5]); d /= np.linalg.norm(d)
+                    placed[y] = random_rotation(rsc), centre + d * (0.2 + prims.radius[y - 1])
+            app = sample_appearance(rsc, [(y, *placed[y]) for y in ycb_ids], prims)
+            Rg = axis_rotation(sc['pose'][:3] / max(np.linalg.norm(sc['pose'][:3]), 1e-12), float(np.linalg.norm(sc['pose'][:3])))
+            for (c, fr), (Rv, dv) in _view(rsc, cams, frames).items():
+                K, rf = Ks[SERIALS[c]], np.random.default_rng([seed, si, q, c, fr])
+                move = lambda x: (x - centre) @ Rv.T + centre + dv                   # scene -> this camera and frame
+                has_hand = not (no_hand_every and q % no_hand_every == 0 and fr == 0)
+                pose = sc['pose'].copy(); pose[:3] = matrix_to_axis_angle_np(Rv @ Rg)
+                root_j = move(sc['joints'][:1])[0]
+                objs = [(y, Rv @ placed[y][0], move(placed[y][1][None])[0]) for y in ycb_ids]
+                v_r, j_r = rig.forward(pose, betas)                             # what the camera sees: the right hand ...
+                scene = dict(verts=v_r + (root_j - j_r[0]), objects=objs)
+                view = dict(app, noise_seed=int(rf.integers(0, 2 ** 31)))
+                if side == 'left':                                                # ... or its mirror image: render the
+                    Kf = K.copy(); Kf[0, 2] = FRAME_W - 1 - K[0, 2]             # right-hand scene with the flipped
+                    img, depth, seg = render_scene(scene, view, Kf, FRAME_H, FRAME_W, rig, prims, hand=has_hand)  # principal
+                    img, depth, seg = img[:, :, ::-1], depth[:, ::-1], seg[:, ::-1]                          # point, flip
+                    pose, root_j = pose * flip_aa, _MIRROR @ root_j
+                    objs = [(y, _MIRROR @ R @ _MIRROR, _MIRROR @ t) for y, R, t in objs]    # primitives are x-symmetric
+                else: img, depth, seg = render_scene(scene, view, K, FRAME_H, FRAME_W, rig, prims, hand=has_hand)
+                pose_y = np.stack([np.concatenate([R, t[:, None]], 1) for _, R, t in objs]).astype(np.float32)
+                if has_hand:
+                    j3, _, trans = _posed(layers[side], pose, betas, root_j)
+                    j2 = j3 @ K.T; j2 = j2[:, :2] / j2[:, 2:]
+                    pose_m = pcas[side].encode(pose, trans)[None].astype(np.float32)
+                    j3w, j2w = j3[None].astype(np.float32), j2[None].astype(np.float32)
+                else:
+                    pose_m = np.zeros((1, 51), np.float32)
+                    j3w, j2w = -np.ones((1, 21, 3), np.float32), -np.ones((1, 21, 2), np.float32)
+                d = sdir/SERIALS[c]
+                Image.fromarray(np.round(img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(d/COLOR_FMT.format(fr), quality=jpeg_quality)
+                Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(d/DEPTH_FMT.format(fr))
+                np.savez_compressed(d/LABEL_FMT.format(fr), seg=np.ascontiguousarray(seg), pose_y=pose_y, pose_m=pose_m,
+                                    joint_3d=j3w, joint_2d=j2w)
     return root
 
 # %% ../../nbs/05a_data.dexycb.ipynb #d47b756f

@@ -655,13 +655,17 @@ def _free_pose(prims, rng, verts, centre, cls, placed):
 def sample_scene(rng:np.random.Generator,
                  grasp_share:float=0.7,  # share of scenes where the hand grasps an object
                  rig:HandRig|None=None, prims:YCBPrimitiveSet|None=None,
-                )->dict:                 # K (3,3), mano pose/betas/trans, verts, joints, objects [(cls, R, t)], contact
-    "A random hand-object scene in the camera frame of a 640x480 DexYCB-like camera."
+                 classes:list[int]|None=None, # YCB ids to place (the first is grasped); None: 1-3 random ones
+                 betas:np.ndarray|None=None,  # (10,) hand shape to use; None: random
+                )->dict:                 # K (3,3), mano pose/betas/trans, verts, joints, objects [(cls, R, t)], contact, grasped
+    """A random hand-object scene in the camera frame of a 640x480 DexYCB-like camera.
+    Objects that find no free place are left out; `grasped` is the grasped class (0: none)."""
     rig, prims = rig or hand_rig(), prims or ycb_primitives()
     fx = 615.0 * rng.uniform(0.97, 1.03)
     K = np.array([[fx, 0, 320 + rng.uniform(-8, 8)], [0, fx * rng.uniform(0.995, 1.005), 240 + rng.uniform(-8, 8)], [0, 0, 1]])
     grasp = bool(rng.random() < grasp_share)
-    style, betas = sample_hand_style(rng), np.clip(rng.normal(0, 0.8, 10), -2.5, 2.5)
+    style, shape = sample_hand_style(rng), np.clip(rng.normal(0, 0.8, 10), -2.5, 2.5)
+    betas = shape if betas is None else np.asarray(betas, np.float64).reshape(10)
     curl = np.array([0, 0, 0, 0, rng.uniform(-1, -0.3)]) if grasp else rng.uniform(0.0, 1.0)   # grasp: open, then close
     for _ in range(10):                          # a grasped object must not hide the hand: palm not towards the camera
         Rh = sample_global_rotation(rig, rng, back_prob=0.5 if grasp else 0.25)
@@ -672,9 +676,9 @@ def sample_scene(rng:np.random.Generator,
     centre = np.array([(u - K[0, 2]) * z / K[0, 0], (v - K[1, 2]) * z / K[1, 1], z])   # where the joints' mean goes
     trans = centre - joints.mean(0)
     verts, joints = verts + trans, joints + trans
-    classes = rng.choice(21, size=int(rng.integers(1, 4)), replace=False) + 1
+    if classes is None: classes = (rng.choice(21, size=int(rng.integers(1, 4)), replace=False) + 1).tolist()
     objects = []
-    for k, cls in enumerate(classes.tolist()):
+    for k, cls in enumerate(classes):
         if k == 0 and grasp:
             R, t = _grasp_pose(rig, prims, rng, verts, joints, Rh, cls)
             pose[3:] = finger_pose(rig, style, _close_fingers(rig, prims, style, pose, betas, trans, cls, R, t, curl))
@@ -685,7 +689,7 @@ def sample_scene(rng:np.random.Generator,
     objects.sort(key=lambda o: o[0])
     contact = [float(prims.sdf(verts, c, R, t).min() < 0.005) for c, R, t in objects]
     return dict(K=K, pose=pose, betas=betas, trans=trans, verts=verts, joints=joints, objects=objects,
-                contact=contact, grasp=grasp)
+                contact=contact, grasp=grasp, grasped=int(classes[0]) if grasp and classes else 0)
 
 # %% ../../nbs/04_data.synthetic.ipynb #e8888c93
 SKIN_TONES = np.array([[0.95, 0.78, 0.67], [0.86, 0.64, 0.52], [0.74, 0.52, 0.39],
@@ -714,11 +718,13 @@ def render_scene(scene:dict, app:dict, # from `sample_scene` and `sample_appeara
                  K:np.ndarray,         # (3,3) intrinsics of the output image
                  H:int, W:int,         # output size, pixels
                  rig:HandRig|None=None, prims:YCBPrimitiveSet|None=None,
+                 hand:bool=True,       # False: draw the objects only
                 )->tuple:              # image (3,H,W) float32 0..1, depth (H,W) float32 metres (0 = none), seg (H,W) uint8
     "Render a scene with any camera: image, depth and seg (0 background, 1..21 YCB id, 255 hand)."
     rig, prims = rig or hand_rig(), prims or ycb_primitives()
+    hf = rig.faces if hand else rig.faces[:0]
     vs, ns, ls = [scene['verts']], [vertex_normals(scene['verts'], rig.faces)], [np.zeros((778, 3))]
-    fs, parts, alb, labels, off = [rig.faces], [np.zeros(len(rig.faces), np.int64)], [rig.albedo], [255], 778
+    fs, parts, alb, labels, off = [hf], [np.zeros(len(hf), np.int64)], [rig.albedo], [255], 778
     for k, (cls, R, t) in enumerate(scene['objects'], 1):
         V, N, F = prims.mesh[cls - 1]
         vs.append(V @ R.T + t); ns.append(N @ R.T); ls.append(V); fs.append(F + off)
