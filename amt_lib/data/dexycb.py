@@ -270,7 +270,7 @@ class DexYCB(Dataset):
         self._build_index(warn_partial)
         self._rows = np.arange(len(self._map))
         if skip_no_hand: self._rows = np.nonzero(self.hand_validity())[0]
-        self._mano_pca, self._mano_layers, self._models = {}, {}, {}
+        self._mano_pca, self._mano_layers, self._models, self._trees = {}, {}, {}, {}
 
     # ---- index ------------------------------------------------------------------------------------------------
     def _problem(self, e: DexYCBError, index=None):
@@ -397,16 +397,24 @@ class DexYCB(Dataset):
             self._models[ycb_id] = sample_surface(*read_obj(p), n=self.model_points)
         return self._models[ycb_id]
 
+    def _object_tree(self, ycb_id: int):
+        "k-d tree (scipy) of an object's surface points and their largest distance from the origin, built once per class."
+        if ycb_id not in self._trees:
+            from scipy.spatial import cKDTree
+            P = self.object_points(ycb_id)
+            self._trees[ycb_id] = cKDTree(P), float(np.linalg.norm(P, axis=1).max())
+        return self._trees[ycb_id]
+
     def _contacts(self, hand_pts: np.ndarray, ycb_ids, pose_y) -> np.ndarray:
-        out = np.zeros(MAX_OBJECTS, np.float32)
+        "Per object slot: 1 when a hand point lies within `contact_threshold` of the object's surface points."
+        out, thr = np.zeros(MAX_OBJECTS, np.float32), self.contact_threshold
         hc = hand_pts.mean(0); hr = np.linalg.norm(hand_pts - hc, axis=1).max()
         for k, y in enumerate(ycb_ids[:MAX_OBJECTS]):
-            P = self.object_points(y)
+            tree, radius = self._object_tree(y)
             R, t = pose_y[k, :, :3].astype(np.float64), pose_y[k, :, 3].astype(np.float64)
-            if np.linalg.norm(t - hc) > hr + np.linalg.norm(P, axis=1).max() + self.contact_threshold: continue
-            X = P @ R.T + t
-            d2 = ((hand_pts[:, None, :] - X[None]) ** 2).sum(-1)
-            out[k] = float(d2.min() <= self.contact_threshold ** 2)
+            if np.linalg.norm(t - hc) > hr + radius + thr: continue           # bounding spheres apart
+            d, _ = tree.query((hand_pts - t) @ R, distance_upper_bound=2 * thr)   # hand points in the object frame
+            out[k] = float(d.min() <= thr)
         return out
 
     def _load(self, row: int) -> dict:
