@@ -220,3 +220,26 @@ def test_cache_bench_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     b = json.loads((tmp_path/'b.json').read_text())
     assert b['cache_samples_per_s'] > 0 and b['dataloader_samples_per_s'] > 0 and 'ratio' in r.stdout
+
+
+def test_train_on_dexycb_fixture_with_a_corrupt_frame(tmp_path):
+    """`amt train` on the DexYCB data source runs end to end; with on_error=skip the bad frame is reported, not trained on."""
+    root = write_dexycb_fixture(tmp_path/'dex', subjects=[0, 1], sequences_per_subject=5, serials=2, frames=2)
+    bad = DexYCB(root, 's0', 'train', warn_partial=False).frame_paths(5)['color']
+    bad.write_bytes(bad.read_bytes()[:500])                                  # a truncated JPEG
+    run = tmp_path/'run'
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'WANDB_MODE': 'offline', 'OMP_NUM_THREADS': '1'}
+    args = [sys.executable, '-m', 'amt_lib.cli', 'train', '--preset', 'smoke', '--run-dir', str(run),
+            'data.source=dexycb', f'data.root={root}', 'training.max_steps=4']
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and bad.name in r.stderr + r.stdout             # default on_error=raise names the file
+    r = subprocess.run(args + ['data.on_error=skip'], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((run/'data'/'report_train.json').read_text())
+    assert rep['num_skipped'] >= 1 and {Path(s['file']).name for s in rep['skipped']} == {bad.name}
+    assert 'skipped (data.on_error=skip)' in r.stdout and (run/'data'/'errors_train.jsonl').exists()
+    assert json.loads((run/'data'/'report_val.json').read_text())['num_skipped'] == 0
+    import csv
+    rows = [row for row in csv.DictReader(open(run/'metrics.csv')) if row.get('rr_mpjpe')]
+    assert rows and np.isfinite(float(rows[-1]['rr_mpjpe']))
+    assert (run/'checkpoints'/'last.pt').exists()

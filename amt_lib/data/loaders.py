@@ -4,6 +4,7 @@
 
 # %% ../../nbs/05c_data.loaders.ipynb #f0ca391e
 from __future__ import annotations
+from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, default_collate
 from .augment import Augmenter
@@ -15,6 +16,7 @@ __all__ = ['build_dataset', 'BatchLoader', 'build_dataloaders']
 # %% ../../nbs/05c_data.loaders.ipynb #e62d0d2a
 def build_dataset(cfg, # run config
                   split: str, # train | val | test (for DexYCB: the official split name)
+                  error_log=None, # DexYCB: append every skipped frame here (JSON lines; `data.on_error=skip`)
                  ):
     "The dataset of a split: SynthHOI or DexYCB by `cfg.data.source`."
     d = cfg.data
@@ -25,7 +27,7 @@ def build_dataset(cfg, # run config
         from amt_lib.data.dexycb import DexYCB
         return DexYCB(d.root, d.setup, split, skip_no_hand=bool(d.skip_no_hand) and split == d.train_split,
                       on_error=d.on_error, contact_threshold=d.contact_threshold, image_size=d.image_size,
-                      crop_margin=d.crop_margin, mano_dir=cfg.model.mano_path, cache_dir=d.cache_dir)
+                      crop_margin=d.crop_margin, mano_dir=cfg.model.mano_path, cache_dir=d.cache_dir, error_log=error_log)
     raise ValueError(f"unknown data.source {d.source!r}; expected 'synth' or 'dexycb'")
 
 # %% ../../nbs/05c_data.loaders.ipynb #65c9a86f
@@ -62,16 +64,21 @@ class BatchLoader:
 # %% ../../nbs/05c_data.loaders.ipynb #66201446
 def build_dataloaders(cfg, # run config
                       device: str | torch.device | None = None, # move DataLoader batches here before augmenting
-                     ) -> tuple: # (train_dl, val_dl): BatchLoader or CacheLoader
+                      run_dir=None, # DexYCB: skipped frames are logged to <run_dir>/data/errors_<split>.jsonl
+                     ) -> tuple: # (train_dl, val_dl): BatchLoader or CacheLoader, each with `.source` (its data set)
     "Training and validation loaders of a run (device cache when `cfg.data.cache`)."
     d, bs = cfg.data, cfg.training.batch_size
-    train, val = build_dataset(cfg, d.train_split), build_dataset(cfg, d.val_split)
+    log = lambda s: Path(run_dir)/'data'/f'errors_{s}.jsonl' if run_dir is not None and d.source == 'dexycb' else None
+    train, val = build_dataset(cfg, d.train_split, log('train')), build_dataset(cfg, d.val_split, log('val'))
     aug = Augmenter.from_config(cfg)
+    def tag(loaders):
+        for dl, ds in zip(loaders, (train, val)): dl.source = ds
+        return loaders
     if d.cache:
         kw = dict(cache_dir=d.cache_dir or (None if d.source == 'synth' else str(getattr(train, 'root', '')) + '/.amt_cache'),
                   device=d.cache_device, max_gb=d.cache_max_gb, max_samples=d.cache_max_samples,
                   with_maps=d.cache_maps, num_workers=d.num_workers)
-        return (CacheLoader(DeviceCache(train, **kw), bs, True, aug, cfg.seed, True),
-                CacheLoader(DeviceCache(val, **kw), bs, False, None, cfg.seed, False))
-    return (BatchLoader(train, bs, True, aug, d.num_workers, cfg.seed, True, device),
-            BatchLoader(val, bs, False, None, d.num_workers, cfg.seed, False, device))
+        return tag((CacheLoader(DeviceCache(train, **kw), bs, True, aug, cfg.seed, True),
+                    CacheLoader(DeviceCache(val, **kw), bs, False, None, cfg.seed, False)))
+    return tag((BatchLoader(train, bs, True, aug, d.num_workers, cfg.seed, True, device),
+                BatchLoader(val, bs, False, None, d.num_workers, cfg.seed, False, device)))

@@ -23,7 +23,7 @@ from ..data.loaders import build_dataloaders
 
 # %% auto #0
 __all__ = ['VAL_LOG_KEYS', 'shard_batch', 'ResumableLoader', 'NonFiniteLossError', 'amt_predict', 'AMTObjective', 'total_steps',
-           'load_init_weights', 'build_learner', 'train', 'cli_train']
+           'load_init_weights', 'build_learner', 'write_data_reports', 'train', 'cli_train']
 
 # %% ../../nbs/08e_learner.train.ipynb #999fe235
 def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
@@ -114,7 +114,8 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
     dcfg = cfg
     if world_size > 1:   # loaders draw global batches; each rank keeps its share
         dcfg = OmegaConf.merge(cfg, {'training': {'batch_size': tc.batch_size * world_size}})
-    train_dl, val_dl = build_dataloaders(dcfg, device=device if device.type == 'cuda' else None)
+    train_dl, val_dl = build_dataloaders(dcfg, device=device if device.type == 'cuda' else None, run_dir=run_dir)
+    learn_sources = (train_dl.source, val_dl.source)
     train_dl = ResumableLoader(train_dl, rank, world_size)
     groups = param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module})
     opt = torch.optim.AdamW(groups, lr=tc.lr)
@@ -123,6 +124,7 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
     learn = Learner(model, (train_dl, val_dl), objective, opt=opt, lr=tc.lr, predict_func=amt_predict)
     objective.learn = learn
     learn.run_dir, learn.cfg, learn.loss_module, learn.device, learn.dtype = run_dir, cfg, loss_module, device, dtype
+    learn.data_sources = learn_sources
     n_total = total_steps(cfg, len(train_dl))
     learn.total_steps = n_total
     resume_step = int(ckpt['step']) if ckpt else None
@@ -158,6 +160,16 @@ def _close(learn: Learner):
             try: cb.close()
             except Exception as e: print(f'warning: closing {cb}: {e}', file=sys.stderr)
 
+def write_data_reports(learn: Learner) -> list[Path]:
+    "Save the skip report of every data set that keeps one (DexYCB) as <run_dir>/data/report_<split>.json; say what was skipped."
+    out = []
+    for name, ds in zip(('train', 'val'), getattr(learn, 'data_sources', ())):
+        if not hasattr(ds, 'write_error_report'): continue
+        p = ds.write_error_report(Path(learn.run_dir)/'data'/f'report_{name}.json'); out.append(p)
+        if n := len(ds.error_report):
+            print(f'amt train: {n} {name} frame(s) skipped (data.on_error=skip), listed in {p}', flush=True)
+    return out
+
 def train(cfg: DictConfig, # the run's config (`load_config`)
           run_dir: str | os.PathLike | None = None, # default: runs/<preset>-<timestamp>, or the resumed run's directory
           resume: str | os.PathLike | None = None, # checkpoint to continue from (e.g. runs/X/checkpoints/last.pt)
@@ -192,6 +204,7 @@ def train(cfg: DictConfig, # the run's config (`load_config`)
                   f"best {cfg.training.monitor} {best if best is None else round(best, 3)}; checkpoints in {run_dir/'checkpoints'}", flush=True)
     finally:
         _close(learn)
+        if rank == 0: write_data_reports(learn)
         if owns_pg: cleanup_distributed()
     if learn.failed:
         raise NonFiniteLossError(f"{learn.stop_reason}; the last good state is in {run_dir/'checkpoints'/'last.pt'}")
