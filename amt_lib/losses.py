@@ -362,6 +362,13 @@ class AMTLoss(nn.Module):
         self.log_vars = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in DATA_TERMS}) if self.dynamic else None
         loss_weights(cfg, 0)   # fail early on a bad schedule
 
+    mano_side = 'right'   # the side of the model's MANO layer: the `mano` term sees only hands of this side
+
+    def _side_mask(self, meta, n: int, dev) -> Tensor:
+        "(n,) bool: the sample's `meta['mano_side']` is the model's MANO side (or not given)."
+        side = _meta_list(meta['mano_side'], n) if isinstance(meta, Mapping) and 'mano_side' in meta else [None] * n
+        return torch.tensor([s in (None, self.mano_side) for s in side], dtype=torch.bool, device=dev)
+
     def _get(self, d, keys, what):
         miss = [k for k in keys if k not in d]
         if miss: raise KeyError(f'AMTLoss: the {what} lacks {miss}')
@@ -380,8 +387,8 @@ class AMTLoss(nn.Module):
         t['hand_coarse'] = hand_joint_loss(o['pred_hand_joints_coarse'], gj, hv, jw, aw)
         t['hand_refined'] = hand_joint_loss(o['pred_hand_joints'], gj, hv, jw, aw)
         gtr = bt['mano_trans'].float() if 'mano_trans' in bt else None
-        t['mano'] = mano_loss(o['pred_mano_pose'], o['pred_mano_betas'], bt['mano_pose'].float(), bt['mano_betas'].float(), hv,
-                              o.get('pred_mano_trans'), gtr)
+        t['mano'] = mano_loss(o['pred_mano_pose'], o['pred_mano_betas'], bt['mano_pose'].float(), bt['mano_betas'].float(),
+                              hv & self._side_mask(bt.get('meta'), len(hv), dev), o.get('pred_mano_trans'), gtr)
         img = bt.get('image')
         size = tuple(img.shape[-2:]) if isinstance(img, Tensor) and img.dim() >= 3 else self.image_size
         t['reprojection'] = reprojection_loss(o['pred_hand_joints_2d'], bt['hand_joints_2d'].float(), hv, size, jw)
