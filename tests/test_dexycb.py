@@ -243,3 +243,19 @@ def test_train_on_dexycb_fixture_with_a_corrupt_frame(tmp_path):
     rows = [row for row in csv.DictReader(open(run/'metrics.csv')) if row.get('rr_mpjpe')]
     assert rows and np.isfinite(float(rows[-1]['rr_mpjpe']))
     assert (run/'checkpoints'/'last.pt').exists()
+
+
+def test_cached_skips_stay_in_the_report(tmp_path):
+    """A frame skipped while the device cache was built is still reported by a later run that only loads the cache."""
+    from amt_lib.data.cache import DeviceCache
+    root = write_dexycb_fixture(tmp_path/'dex', subjects=[0], sequences_per_subject=5, serials=2, frames=2)
+    bad = DexYCB(root, 's0', 'val', warn_partial=False).frame_paths(1)['label']
+    bad.write_bytes(bad.read_bytes()[:100])                                  # a truncated label file
+    first = DexYCB(root, 's0', 'val', on_error='skip', warn_partial=False)
+    c1 = DeviceCache(first, tmp_path/'cache')
+    assert c1.build_seconds > 0 and [Path(r['file']).name for r in first.error_report] == [bad.name]
+    later = DexYCB(root, 's0', 'val', on_error='skip', warn_partial=False)    # a new run: nothing read yet
+    c2 = DeviceCache(later, tmp_path/'cache')
+    assert c2.build_seconds == 0                                             # loaded, not rebuilt
+    rep = json.loads(later.write_error_report(tmp_path/'report.json').read_text())
+    assert rep['num_skipped'] == 1 and Path(rep['skipped'][0]['file']).name == bad.name

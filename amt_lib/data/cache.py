@@ -175,6 +175,9 @@ class DeviceCache:
             self.build_seconds = time.perf_counter() - t
             man = read_manifest(self.path)
         else: self.build_seconds = 0.
+        if dataset is not None and man.get('skipped') and isinstance(getattr(dataset, 'errors', None), list):
+            seen = {(r.get('index'), r.get('file')) for r in dataset.errors}   # a cache built by an earlier run:
+            dataset.errors.extend(r for r in man['skipped'] if (r.get('index'), r.get('file')) not in seen)  # its skips count
         self.manifest = man
         self.num_samples, self.image_size = man['num_samples'], man['image_size']
         self._check_budget(self.num_samples, self.image_size, man['with_maps'], max_gb)

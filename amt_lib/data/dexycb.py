@@ -510,11 +510,10 @@ def _view(rs: np.random.Generator, # the sequence's generator (draws its drift a
     return out
 
 def _posed(layer, pose: np.ndarray, betas: np.ndarray, root: np.ndarray) -> tuple:
-    "MANO joints (21,3), verts (778,3) and translation (3,) of `pose` with the root joint at `root`."
+    "MANO joints (21,3) and translation (3,) of `pose` with the root joint at `root`."
     with torch.no_grad():
-        o = layer(torch.from_numpy(pose)[None], torch.from_numpy(betas)[None], torch.zeros(1, 3, dtype=torch.float64))
-    trans = root - o['joints'][0, 0].numpy()
-    return o['joints'][0].numpy() + trans, o['verts'][0].numpy() + trans, trans
+        j = layer(torch.from_numpy(pose)[None], torch.from_numpy(betas)[None], torch.zeros(1, 3, dtype=torch.float64))['joints'][0].numpy()
+    return j + (root - j[0]), root - j[0]
 
 _MIRROR = np.diag([-1., 1., 1.])   # camera-frame mirror x -> -x: a right hand seen in it is a left hand
 
@@ -610,7 +609,7 @@ def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents to
                 else: img, depth, seg = render_scene(scene, view, K, FRAME_H, FRAME_W, rig, prims, hand=has_hand)
                 pose_y = np.stack([np.concatenate([R, t[:, None]], 1) for _, R, t in objs]).astype(np.float32)
                 if has_hand:
-                    j3, _, trans = _posed(layers[side], pose, betas, root_j)
+                    j3, trans = _posed(layers[side], pose, betas, root_j)
                     j2 = j3 @ K.T; j2 = j2[:, :2] / j2[:, 2:]
                     pose_m = pcas[side].encode(pose, trans)[None].astype(np.float32)
                     j3w, j2w = j3[None].astype(np.float32), j2[None].astype(np.float32)
