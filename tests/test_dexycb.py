@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from amt_lib.data.dexycb import (DexYCB, DexYCBError, SERIALS, SUBJECTS, LABEL_FMT, write_dexycb_fixture,
                                  dexycb_ground_truth, cli_eval_results, ManoPCA)
@@ -122,7 +123,7 @@ def test_fixture_is_one_rendered_scene_per_sequence(tree):
     for i in range(len(ds)):
         paths, meta = ds.frame_paths(i), ds[i]['meta']
         lab = np.load(paths['label'])
-        seg, depth = lab['seg'], np.asarray(__import__('PIL.Image', fromlist=['Image']).open(paths['depth']))
+        seg, depth = lab['seg'], np.asarray(Image.open(paths['depth']))
         assert ((seg > 0) == (depth > 0)).all()                            # every drawn pixel has depth, and only those
         if np.all(lab['joint_3d'] == -1):
             assert not (seg == 255).any() and (seg > 0).any()                # no hand drawn; the objects are

@@ -589,7 +589,7 @@ def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents to
                     d = np.array([np.cos(a), 0.6 * np.sin(a), 0.5]); d /= np.linalg.norm(d)
                     placed[y] = random_rotation(rsc), centre + d * (0.2 + prims.radius[y - 1])
             app = sample_appearance(rsc, [(y, *placed[y]) for y in ycb_ids], prims)
-            Rg = axis_rotation(sc['pose'][:3] / max(np.linalg.norm(sc['pose'][:3]), 1e-12), float(np.linalg.norm(sc['pose'][:3])))
+            Rg = axis_rotation(sc['pose'][:3], 1.0)                # the hand's global rotation (axis x angle = the axis-angle)
             for (c, fr), (Rv, dv) in _view(rsc, cams, frames).items():
                 K, rf = Ks[SERIALS[c]], np.random.default_rng([seed, si, q, c, fr])
                 move = lambda x: (x - centre) @ Rv.T + centre + dv                   # scene -> this camera and frame

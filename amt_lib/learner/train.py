@@ -115,7 +115,7 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
     if world_size > 1:   # loaders draw global batches; each rank keeps its share
         dcfg = OmegaConf.merge(cfg, {'training': {'batch_size': tc.batch_size * world_size}})
     train_dl, val_dl = build_dataloaders(dcfg, device=device if device.type == 'cuda' else None, run_dir=run_dir)
-    learn_sources = (train_dl.source, val_dl.source)
+    sources = (train_dl.source, val_dl.source)                       # the data sets, for the skip reports
     train_dl = ResumableLoader(train_dl, rank, world_size)
     groups = param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module})
     opt = torch.optim.AdamW(groups, lr=tc.lr)
@@ -124,7 +124,7 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
     learn = Learner(model, (train_dl, val_dl), objective, opt=opt, lr=tc.lr, predict_func=amt_predict)
     objective.learn = learn
     learn.run_dir, learn.cfg, learn.loss_module, learn.device, learn.dtype = run_dir, cfg, loss_module, device, dtype
-    learn.data_sources = learn_sources
+    learn.data_sources = sources
     n_total = total_steps(cfg, len(train_dl))
     learn.total_steps = n_total
     resume_step = int(ckpt['step']) if ckpt else None
