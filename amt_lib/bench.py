@@ -4,17 +4,20 @@
 
 # %% ../nbs/12_bench.ipynb #d15409f5
 from __future__ import annotations
-import argparse, datetime, json, math, os, platform, resource, statistics, subprocess, sys, time
+import argparse, datetime, gc, json, math, os, platform, resource, signal, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn, Tensor
-from .config import load_config, config_to_yaml, config_from_yaml, ConfigError
+from .config import load_config, config_to_yaml, config_from_yaml, validate_config, ConfigError
 from .debugging import to_device
 
 # %% auto #0
-__all__ = ['time_it', 'device_name', 'peak_memory_mb', 'flops_per_sample', 'bench_training', 'bench_inference', 'bench_loader',
-           'compiled_vs_eager', 'run_benchmarks', 'bench_table', 'cli_bench']
+__all__ = ['H200_BF16_DENSE_PEAK', 'BF16_DENSE_PEAKS', 'GPU_CHECK_SIZES', 'GPU_CHECK_PARTS', 'PIPELINE_STAGES', 'time_it',
+           'device_name', 'peak_memory_mb', 'flops_per_sample', 'bench_training', 'bench_inference', 'bench_loader',
+           'compiled_vs_eager', 'run_benchmarks', 'bench_table', 'cli_bench', 'bf16_peak_flops',
+           'model_flops_utilisation', 'PartTimeout', 'run_in_time', 'run_child', 'gpu_check_rows', 'gpu_check',
+           'cli_gpu_check']
 
 # %% ../nbs/12_bench.ipynb #7fba52b6
 def _sync(device: torch.device | str):
@@ -71,32 +74,37 @@ def flops_per_sample(model: nn.Module, batch: Mapping, # a batch with image and 
     return res
 
 def bench_training(model: nn.Module, batch: Mapping, loss_fn: Callable, # (out, batch) -> loss or dict with 'loss'
-                   steps: int = 5, warmup: int = 2, lr: float = 1e-4, autocast_dtype: torch.dtype | None = None) -> dict:
-    "Training steps per second on one resident batch: forward, loss, backward, AdamW step."
+                   steps: int = 5, warmup: int = 2, lr: float = 1e-4, autocast_dtype: torch.dtype | None = None,
+                   accumulation: int = 1, # forward+backward passes of `batch` per optimiser step
+                  ) -> dict:
+    "Training samples per second on one resident batch: `accumulation` x (forward, loss, backward), then an AdamW step."
     dev = next(model.parameters()).device
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     def step():
-        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(batch['image'], batch['K'])
-            loss = _loss_of(loss_fn(out, batch))
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        for _ in range(accumulation):
+            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = model(batch['image'], batch['K'])
+                loss = _loss_of(loss_fn(out, batch)) / accumulation
+            loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
     ts = time_it(step, steps, warmup, dev)
     B, med = batch['image'].shape[0], statistics.median(ts)
-    return {'samples_per_s': B / med, 'step_ms': med * 1000, 'batch_size': B, 'steps': steps}
+    return {'samples_per_s': B * accumulation / med, 'step_ms': med * 1000, 'batch_size': B, 'accumulation': accumulation, 'steps': steps}
 
 @torch.no_grad()
 def bench_inference(model: nn.Module, batch_size: int, size: int = 224, iters: int = 10, warmup: int = 2,
                     autocast_dtype: torch.dtype | None = None) -> dict:
-    "Median latency of a forward pass at `batch_size` and the samples per second it gives."
+    "Median and 90th-percentile latency of a forward pass at `batch_size`, and the samples per second of the median."
     dev = next(model.parameters()).device
     model.eval()
     img = torch.rand(batch_size, 3, size, size, device=dev)
     K = torch.tensor([[size * 1.3, 0, size / 2], [0, size * 1.3, size / 2], [0, 0, 1]], device=dev).expand(batch_size, 3, 3)
     def fwd():
         with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None): model(img, K)
-    med = statistics.median(time_it(fwd, iters, warmup, dev))
-    return {'latency_ms': med * 1000, 'samples_per_s': batch_size / med, 'batch_size': batch_size, 'iters': iters}
+    ts = sorted(time_it(fwd, iters, warmup, dev))
+    med, p90 = statistics.median(ts), ts[min(len(ts) - 1, math.ceil(0.9 * len(ts)) - 1)]   # nearest-rank percentile
+    return {'latency_ms': med * 1000, 'p90_ms': p90 * 1000, 'samples_per_s': batch_size / med, 'batch_size': batch_size, 'iters': iters}
 
 def bench_loader(loader: Iterable, batches: int = 10) -> dict:
     "Samples per second of iterating `loader` for `batches` batches (the first one untimed)."
@@ -222,9 +230,11 @@ def run_benchmarks(preset: str = 'smoke', overrides: Sequence[str] = (), # the m
         else: F.append(_figure('inference batch 1, torch.compile', None, 'FPS', 'eager', eager['samples_per_s'], note=comp['reason']))
     if 'data' in sections:
         log('data throughput ...')
-        from amt_lib.data.loaders import build_dataset
+        from amt_lib.data.loaders import build_dataset, ignore_stop_signals
         ds = build_dataset(cfg, 'train')
-        dl = torch.utils.data.DataLoader(ds, batch_size=train_batch, shuffle=True, num_workers=int(cfg.data.num_workers))
+        nw = int(cfg.data.num_workers)
+        dl = torch.utils.data.DataLoader(ds, batch_size=train_batch, shuffle=True, num_workers=nw,
+                                         worker_init_fn=ignore_stop_signals if nw else None)
         sy = bench_loader(dl, batches=max(2, min(steps, len(dl) - 1)))
         D['synth_loader'] = sy
         F.append(_figure('SynthHOI through a DataLoader', sy['samples_per_s'], 'samples/s',
@@ -252,6 +262,10 @@ def bench_table(rec: Mapping) -> str:
 
 def cli_bench(argv: list[str] | None = None) -> int:
     "`amt bench [--preset smoke] [--json FILE] [--only train,infer,...] [overrides...]`: print and write the figures."
+    from amt_lib.cli import run_command
+    return run_command('bench', _bench_command, argv)
+
+def _bench_command(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog='amt bench', description='Measure training/inference speed, FLOPs, data throughput '
                                  'and memory, each beside its baseline in the same run.')
     ap.add_argument('--preset', default='smoke')
@@ -264,14 +278,396 @@ def cli_bench(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     secs = [s.strip() for s in a.only.split(',') if s.strip()]
     bad = set(secs) - {'train', 'infer', 'data', 'attention', 'compile'}
-    if bad: print(f'amt bench: unknown section(s) {sorted(bad)}', file=sys.stderr); return 2
-    try:
-        rec = run_benchmarks(a.preset, a.overrides, secs, a.train_batch, a.infer_batch, a.steps, a.iters,
-                             a.compile_timeout, a.device, log=lambda s: print(s, flush=True))
-    except ConfigError as e:
-        print(f'amt bench: error: {e}', file=sys.stderr); return 2
+    if bad: raise ConfigError(f'--only: unknown section(s) {sorted(bad)}; sections are train, infer, data, attention, compile')
+    for k in ('train_batch', 'infer_batch', 'steps', 'iters'):
+        if getattr(a, k) is not None and getattr(a, k) < 1: raise ConfigError(f"--{k.replace('_', '-')} {getattr(a, k)}: expected an integer >= 1")
+    from amt_lib.inference import resolve_device
+    resolve_device(a.device)                                                  # a device that is not there: named now
+    validate_config(load_config(a.preset, a.overrides), 'bench')               # before anything is built
+    rec = run_benchmarks(a.preset, a.overrides, secs, a.train_batch, a.infer_batch, a.steps, a.iters,
+                         a.compile_timeout, a.device, log=lambda s: print(s, flush=True))
     print(bench_table(rec))
     if a.json:
         p = Path(a.json); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(rec, indent=1))
         print(f'wrote {p}')
     return 0
+
+# %% ../nbs/12_bench.ipynb #21e69b9f
+# Dense bf16 Tensor Core peaks (FLOP/s, no 2:4 structured sparsity), keyed by a part of `torch.cuda.get_device_name()`;
+# the first match wins, so the more specific names come first. NVIDIA's datasheets print the figure *with* sparsity,
+# twice the dense one: H200 SXM "BFLOAT16 Tensor Core 1,979 TFLOPS*" (* with sparsity; nvidia.com/en-us/data-center/h200,
+# H200 datasheet) -> 989.5 dense, as third-party spec tables list it (~989 TFLOPS FP16/BF16 dense, e.g. itkb.uw.cz, 2026;
+# NVIDIA's own page was not in the searchable corpus of this session). The others are the datasheets' sparse figures
+# halved, from memory, not re-checked in this session: H200 NVL / H100 NVL 1,671, H100 SXM 1,979, H100 PCIe 1,513, A100 624.
+H200_BF16_DENSE_PEAK = 989.5e12
+BF16_DENSE_PEAKS: tuple[tuple[str, float], ...] = (
+    ('H200 NVL', 835.5e12), ('H200', H200_BF16_DENSE_PEAK), ('H100 NVL', 835.5e12), ('H100 PCIe', 756.5e12),
+    ('H100', 989.4e12), ('A100', 312e12))
+
+def bf16_peak_flops(device: str, # a device name (`device_name`), e.g. 'NVIDIA H200'
+                   ) -> tuple[float | None, str]: # (dense bf16 peak FLOP/s or None, where it comes from / why none)
+    "The dense bf16 peak of a GPU from `BF16_DENSE_PEAKS`, or None and the reason."
+    for key, peak in BF16_DENSE_PEAKS:
+        if key.lower() in device.lower(): return peak, f'{key}: {peak / 1e12:g} TFLOPS bf16 dense (NVIDIA datasheet, sparse figure / 2)'
+    return None, f'no bf16 peak known for {device!r} (amt_lib.bench.BF16_DENSE_PEAKS knows {", ".join(k for k, _ in BF16_DENSE_PEAKS)})'
+
+def model_flops_utilisation(flops_per_sample: float | None, # training FLOPs per sample (forward + backward)
+                            samples_per_s: float | None, # measured training throughput
+                            device: str, # device name
+                           ) -> dict: # mfu (0..1 or None), achieved_tflops, peak_tflops, reason
+    "MFU = FLOPs per sample x samples/s / the device's dense bf16 peak; None with the reason when a term is unknown."
+    peak, why = bf16_peak_flops(device)
+    ach = flops_per_sample * samples_per_s if flops_per_sample and samples_per_s else None
+    if ach is None: why = 'no FLOP count or no throughput (see the errors)'
+    return dict(mfu=ach / peak if ach is not None and peak else None, achieved_tflops=None if ach is None else ach / 1e12,
+                peak_tflops=None if peak is None else peak / 1e12, peak_source=why)
+
+# %% ../nbs/12_bench.ipynb #fb0494f6
+class PartTimeout(Exception):
+    "A part of `gpu_check` ran past its time limit."
+
+def run_in_time(fn: Callable[[], Any], timeout_s: float | None) -> Any:
+    "`fn()` stopped by SIGALRM after `timeout_s` (main thread only; elsewhere it runs without a limit)."
+    if not timeout_s or threading.current_thread() is not threading.main_thread(): return fn()
+    def alarm(*_): raise PartTimeout(f'ran past its {timeout_s:.0f} s limit')
+    old = signal.signal(signal.SIGALRM, alarm); signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try: return fn()
+    finally: signal.setitimer(signal.ITIMER_REAL, 0); signal.signal(signal.SIGALRM, old)
+
+def _emit(key: str, value) -> None:
+    "In a child process: one result line for the parent (`run_child`)."
+    print('PART ' + json.dumps({key: value}), flush=True)
+
+def run_child(fn: str, # name of a function in amt_lib.bench that reports with `_emit`
+              kwargs: dict, # its JSON-able arguments
+              timeout_s: float, # the child (and its process group) is killed after this
+              echo: Callable[[str], Any] | None = None, # called with the child's `[pipeline]` lines, live
+             ) -> tuple[dict, str | None]: # (what it reported, the error or None)
+    "Run `amt_lib.bench.<fn>(**kwargs)` in a child process with a time limit; results reported before a failure are kept."
+    code = 'import json,sys; import amt_lib.bench as b; getattr(b, sys.argv[1])(**json.loads(sys.stdin.read()))'
+    p = subprocess.Popen([sys.executable, '-c', code, fn], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    got, tail = {}, []
+    def read():
+        for line in p.stdout:
+            if line.startswith('PART '): got.update(json.loads(line[5:]))
+            else:
+                tail.append(line.rstrip()); del tail[:-30]
+                if echo and line.startswith('[pipeline]'): echo(line.rstrip())
+    reader = threading.Thread(target=read, daemon=True); reader.start()
+    p.stdin.write(json.dumps(kwargs)); p.stdin.close()
+    try: p.wait(timeout=timeout_s); err = None
+    except subprocess.TimeoutExpired:
+        try: os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+        p.wait(); err = f'ran past its {timeout_s:.0f} s limit (killed)'
+    reader.join(timeout=10)
+    if err is None and p.returncode != 0:
+        last = [l for l in tail if l.strip()][-3:] or ['no output']
+        err = f'exit code {p.returncode}: ' + ' | '.join(l[:300] for l in last)
+    return got, err
+
+# %% ../nbs/12_bench.ipynb #643bded6
+_H200_RANDOM = ['model.backbone.pretrained=false', 'model.compile=false', 'data.source=synth', 'data.cache=false']
+# The two sizes of the check. real: the h200 preset's model (DINOv2-large architecture, random weights: no download)
+# at batch 32 x accumulation 2 in bf16, each part's time limit chosen so the whole check ends within 8 minutes on
+# one H200. small: the same preset with a tiny backbone and heads at 56 px, fp32; used on CPU (and with --small).
+GPU_CHECK_SIZES: dict[str, dict] = {
+    'real': dict(preset='h200', overrides=_H200_RANDOM, batch=32, accumulation=2, steps=5, warmup=2, iters=30,
+                 infer_batch=64, cache_batch=16, cache_batches=10, cache_workers=0, compile_backend='inductor',
+                 pipeline_preset='h200-rehearsal', pipeline_max_steps=None, pipeline_max_minutes=0.3,
+                 timeouts=dict(train=70, infer=35, cache=40, compiled=130, pipeline=180), budget_s=465),
+    'small': dict(preset='h200', overrides=_H200_RANDOM + [
+                      'model.backbone.name=null', 'model.backbone.hidden_size=48', 'model.backbone.num_layers=2',
+                      'model.backbone.num_heads=2', 'model.backbone.feature_layers=[1,2]', 'model.backbone.freeze_layers=1',
+                      'model.hidden_dim=64', 'model.num_heads=4', 'model.num_layers=1', 'model.contact_hidden=32',
+                      'model.point_hidden=32', 'data.train_size=16', 'data.val_size=8', 'data.image_size=56'],
+                  batch=2, accumulation=2, steps=2, warmup=1, iters=3, infer_batch=4, cache_batch=2, cache_batches=2,
+                  cache_workers=0, compile_backend='eager', pipeline_preset='smoke', pipeline_max_steps=1,
+                  pipeline_max_minutes=None, timeouts=dict(train=120, infer=60, cache=120, compiled=240, pipeline=600),
+                  budget_s=1500),
+}
+GPU_CHECK_PARTS = ('train', 'infer', 'cache', 'compiled', 'pipeline')
+PIPELINE_STAGES = ('stage1', 'stage2', 'stage3', 'debugging')
+
+def _reset_peak(device: torch.device):
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
+
+def _model_and_loss(cfg, device: torch.device):
+    "The preset's model and its loss `(out, batch) -> dict` on `device`."
+    from amt_lib.models.amt import build_model
+    from amt_lib.losses import AMTLoss
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    loss = AMTLoss(cfg).to(device)
+    return model, (lambda out, batch: loss(out, batch, model=model))
+
+def _model_flops(model: nn.Module, cfg, lf: Callable, device: torch.device) -> dict:
+    "Model FLOPs per sample, forward and forward+backward as counted (gradient checkpointing's recomputation left out)."
+    ckpt = bool(cfg.model.backbone.gradient_checkpointing)
+    if ckpt: model.backbone.set_gradient_checkpointing(False)
+    try: fl = flops_per_sample(model, _synthetic_batch(cfg, 2, device), lf)
+    finally:
+        if ckpt: model.backbone.set_gradient_checkpointing(True)
+    return dict(fl, train_to_forward=fl['train_flops_per_sample'] / fl['forward_flops_per_sample'],
+                how='FlopCounterMode over one real forward and backward (not 3x forward: frozen layers get no weight '
+                    'gradients); matmuls, convolutions and attention only; checkpointing recomputation not counted')
+
+def _train_figures(model, batch, lf, S: Mapping, amp, device) -> dict:
+    _reset_peak(device)
+    t = time.perf_counter()
+    r = bench_training(model, batch, lf, steps=S['steps'], warmup=S['warmup'], autocast_dtype=amp, accumulation=S['accumulation'])
+    return dict(r, seconds_with_warmup=time.perf_counter() - t, peak_memory_mb=peak_memory_mb(device))
+
+def _infer_figures(model, S: Mapping, size: int, amp) -> dict:
+    b1 = bench_inference(model, 1, size, iters=S['iters'], warmup=S['warmup'] + 1, autocast_dtype=amp)
+    bn = bench_inference(model, S['infer_batch'], size, iters=max(3, S['iters'] // 3), warmup=S['warmup'], autocast_dtype=amp)
+    return dict(batch1=dict(median_ms=b1['latency_ms'], p90_ms=b1['p90_ms'], fps=b1['samples_per_s'], iters=b1['iters']),
+                **{f"batch{bn['batch_size']}": dict(samples_per_s=bn['samples_per_s'], median_ms=bn['latency_ms'], iters=bn['iters'])})
+
+def _gc_compiled(cfg_yaml: str, device: str, sizes: dict) -> None:
+    "Child process of `gpu_check`: training, then inference, of the model compiled as `build_model` does (model.compile)."
+    cfg, dev = config_from_yaml(cfg_yaml), torch.device(device)
+    amp = torch.bfloat16 if dev.type == 'cuda' else None
+    model, lf = _model_and_loss(cfg, dev)
+    _emit('train', _train_figures(model, _synthetic_batch(cfg, sizes['batch'], dev), lf, sizes, amp, dev))
+    model.eval()
+    _emit('infer', _infer_figures(model, sizes, int(cfg.data.image_size), amp))
+
+# Written into the IPython startup folder of the pipeline's papermill kernels: after every cell the kernel writes its
+# own peak memory (CUDA max_memory_allocated when CUDA is in use, and the process's peak RSS) to $AMT_PEAK_MEMORY_FILE.
+_PEAK_MEMORY_HOOK = '''# written by amt_lib.bench (amt gpu-check): this kernel's peak memory, after every cell
+import json, os, resource, sys
+def _amt_peak_memory(*_):
+    path = os.environ.get('AMT_PEAK_MEMORY_FILE')
+    if not path: return
+    rec = {'rss_peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        rec['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated() / 2**20
+    with open(path, 'w') as f: json.dump(rec, f)
+get_ipython().events.register('post_run_cell', _amt_peak_memory)
+'''
+
+def _gc_pipeline(preset: str, overrides: list, run_dir: str, stages: list, max_steps: int | None,
+                 max_minutes: float | None) -> None:
+    "Child process of `gpu_check`: `run_pipeline` one stage at a time; each stage's wall time and its kernel's peak memory."
+    from amt_lib.stages import run_pipeline
+    run_dir = Path(run_dir); startup = run_dir/'ipython'/'profile_default'/'startup'
+    startup.mkdir(parents=True, exist_ok=True)
+    (startup/'00-amt-peak-memory.py').write_text(_PEAK_MEMORY_HOOK)
+    os.environ['IPYTHONDIR'] = str(run_dir/'ipython')          # the kernels papermill starts inherit it
+    for st in stages:
+        f = run_dir/f'peak_memory_{st}.json'
+        os.environ['AMT_PEAK_MEMORY_FILE'] = str(f)
+        t = time.perf_counter()
+        run_pipeline(preset, run_dir, overrides, max_steps, max_minutes, [st], log_output=False)
+        mem = json.loads(f.read_text()) if f.exists() else {'memory': f'not measured: the kernel wrote no {f.name}'}
+        _emit(st, dict(wall_s=time.perf_counter() - t, **mem))
+
+# %% ../nbs/12_bench.ipynb #1f63332a
+def gpu_check_rows(rec: Mapping) -> str:
+    "The check's figures as rows of the benchmark record below (date | device | preset | figure | value | baseline | ratio)."
+    def g(d, *ks):
+        for k in ks: d = d.get(k) if isinstance(d, Mapping) else None
+        return d
+    def f(v, fmt='.3g'): return 'n/a' if v is None else format(v, fmt)
+    dev = rec['device'] + ('' if rec['sizes'] == 'real' else f" (**{rec['ran_on'].upper()}, small sizes: not H200 figures**)")
+    pre = f"{rec['model']['preset']} ({rec['model'].get('precision', '')}, random weights)"
+    rows = []
+    def row(fig, val, base='', ratio=None, preset=pre):
+        rows.append(f"| {rec['date'][:10]} | {dev} | {preset} | {fig} | {val} | {base} | {'' if ratio is None else f(ratio, '.2f') + 'x'} |")
+    T, I, C, P = rec['training'], rec['inference'], rec['device_cache'], rec['pipeline']
+    te, tc = g(T, 'eager', 'samples_per_s'), g(T, 'compiled', 'samples_per_s')
+    bs = f"batch {T['batch_size']} x {T['accumulation']}"
+    row(f'training throughput, eager ({bs}, resident batch)', f'{f(te)} samples/s')
+    row(f"training throughput, torch.compile ({g(T, 'compiled', 'compile_backend') or I['compile_backend']})", f'{f(tc)} samples/s',
+        f'{f(te)} (eager)', tc / te if tc and te else None)
+    for k in ('eager', 'compiled'):
+        m = g(T, f'mfu_{k}')
+        if m: row(f'training MFU, {k}', (f"{100 * m['mfu']:.1f} %" if m['mfu'] is not None else 'n/a')
+                  + f" ({f(m['achieved_tflops'])} TFLOP/s achieved)",
+                  f"{f(m['peak_tflops'])} TFLOP/s bf16 dense peak" if m['peak_tflops'] else 'no known peak for this device')
+    row('training FLOPs per sample (fwd+bwd, counted)', f"{f(g(T, 'flops', 'train_flops_per_sample') and g(T, 'flops', 'train_flops_per_sample') / 1e9)} GFLOP")
+    e1, c1 = g(I, 'eager', 'batch1'), g(I, 'compiled', 'batch1')
+    lat = lambda v: f"{f(v['fps'])} FPS ({v['median_ms']:.1f} ms median, {v['p90_ms']:.1f} ms p90)"
+    if e1: row('inference batch 1, eager', lat(e1))
+    if c1: row(f"inference batch 1, torch.compile ({I['compile_backend']})", lat(c1), f"{f(e1 and e1['fps'])} (eager)",
+               c1['fps'] / e1['fps'] if e1 else None)
+    for k in ('eager', 'compiled'):
+        for b, v in (g(I, k) or {}).items():
+            if b.startswith('batch') and b != 'batch1':
+                eb = g(I, 'eager', b, 'samples_per_s')
+                base = (f"{f(e1['fps'])} (eager batch 1)", v['samples_per_s'] / e1['fps']) if k == 'eager' and e1 else \
+                       (f"{f(eb)} (eager {b[:5]} {b[5:]})", v['samples_per_s'] / eb) if k == 'compiled' and eb else ('', None)
+                row(f'inference {b[:5]} {b[5:]}, {k}', f"{f(v['samples_per_s'])} samples/s", *base)
+    if C.get('cache_samples_per_s'):
+        row(f"device cache on {C['device']}, DexYCB fixture ({C['samples']} frames, batch {C['batch_size']})",
+            f"{f(C['cache_samples_per_s'])} samples/s, {C['bytes_per_sample'] / 1e3:.0f} kB a sample",
+            f"{f(C['dataloader_samples_per_s'])} (reader + DataLoader, {C['num_workers']} workers)", C['ratio'])
+    for st, v in (P.get('stages') or {}).items():
+        mem = v.get('cuda_max_allocated_mb')
+        row(f'pipeline {st}: wall time, peak memory', f"{v['wall_s']:.0f} s, " + (f'{mem:.0f} MB CUDA max allocated' if mem is not None
+            else f"{f(v.get('rss_peak_mb'), '.0f')} MB kernel peak RSS"), preset=P['preset'])
+    row('the whole check: wall time', f"{rec.get('wall_s', 0):.0f} s (budget {rec['budget_s']} s)"
+        + ('' if not rec['errors'] else f"; failed: {', '.join(rec['errors'])}"), preset='amt gpu-check')
+    return '\n'.join(rows)
+
+# %% ../nbs/12_bench.ipynb #0b97dffd
+def _pick_device(device: str) -> torch.device:
+    if device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f'--device {device}: no CUDA device is visible to torch {torch.__version__} here; use --device auto or cpu')
+    if device != 'cpu' and not device.startswith('cuda'): raise ConfigError(f'--device {device!r}: expected auto, cpu or cuda[:N]')
+    return torch.device(device)
+
+def _finite_numbers(x) -> bool:
+    "Every number inside `x` (nested dicts/lists) is finite."
+    if isinstance(x, Mapping): return all(_finite_numbers(v) for v in x.values())
+    if isinstance(x, (list, tuple)): return all(_finite_numbers(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
+
+def gpu_check(out: str | os.PathLike | None = None, # the JSON file (written after every part); None: not written
+              device: str = 'auto', # auto | cpu | cuda | cuda:N
+              small: bool = False, # small sizes even on CUDA (always on CPU)
+              parts: Sequence[str] = GPU_CHECK_PARTS, # which parts to run
+              stages: Sequence[str] = PIPELINE_STAGES, # the pipeline part's stages
+              run_dir: str | os.PathLike | None = None, # the pipeline part's folder; None: a new temporary one
+              pipeline_preset: str | None = None, # default: h200-rehearsal (real) / smoke (small)
+              compile_backend: str | None = None, # default: inductor (real) / eager (small: graph capture only)
+              log: Callable[[str], Any] = print) -> dict:
+    "The acceptance check of one GPU: training, inference, device cache and the rehearsal pipeline; one JSON record."
+    from amt_lib.config import git_commit, PACKAGE_DIR
+    t_start = time.perf_counter()
+    dev = _pick_device(device)
+    sizes = 'small' if small or dev.type != 'cuda' else 'real'
+    S = GPU_CHECK_SIZES[sizes]
+    bad = sorted(set(parts) - set(GPU_CHECK_PARTS)) + sorted(set(stages) - set(PIPELINE_STAGES))
+    if bad: raise ConfigError(f'unknown part(s) or stage(s) {bad}: parts are {GPU_CHECK_PARTS}, stages {PIPELINE_STAGES}')
+    amp = torch.bfloat16 if dev.type == 'cuda' else None
+    backend = compile_backend or S['compile_backend']
+    cfg = load_config(S['preset'], list(S['overrides']))
+    size, name = int(cfg.data.image_size), device_name(dev)
+    rec = dict(check='amt gpu-check', ran_on=dev.type, sizes=sizes, device=name, date=datetime.datetime.now().isoformat(timespec='seconds'),
+               commit=git_commit(PACKAGE_DIR), torch=torch.__version__, cuda=torch.version.cuda,
+               cudnn=torch.backends.cudnn.version() if dev.type == 'cuda' else None, python=platform.python_version(),
+               budget_s=S['budget_s'], warning=None,
+               model=dict(preset=S['preset'], overrides=list(S['overrides']), image_size=size,
+                          precision='bf16 autocast' if amp is not None else 'fp32'),
+               training=dict(batch_size=S['batch'], accumulation=S['accumulation'], samples_per_step=S['batch'] * S['accumulation']),
+               inference=dict(compile_backend=backend), device_cache={}, pipeline={}, parts={}, errors={})
+    if dev.type != 'cuda' or small:
+        rec['warning'] = (f"ran on {dev.type.upper()} with SMALL sizes ({name}): a test of the check itself, not the "
+                          f"H200 figures" + ('' if dev.type == 'cuda' else '; no CUDA device was used'))
+        log(f"\n*** amt gpu-check: {rec['warning']} ***\n")
+    log(f"amt gpu-check on {name}: {sizes} sizes, parts {', '.join(parts)}; time budget {S['budget_s']} s")
+    state, deadline = {}, t_start + S['budget_s']
+    def save():
+        rec['wall_s'] = time.perf_counter() - t_start
+        if out is not None:
+            p = Path(out); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(rec, indent=1))
+
+    def train():
+        model, lf = _model_and_loss(cfg, dev)
+        state['model'] = model
+        rec['model'].update(parameters=sum(p.numel() for p in model.parameters()),
+                            trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        rec['training']['eager'] = _train_figures(model, _synthetic_batch(cfg, S['batch'], dev), lf, S, amp, dev)
+        rec['training']['flops'] = _model_flops(model, cfg, lf, dev)
+    def infer():
+        model = state.get('model') or _model_and_loss(cfg, dev)[0]
+        _reset_peak(dev)
+        rec['inference']['eager'] = dict(_infer_figures(model, S, size, amp), peak_memory_mb=peak_memory_mb(dev))
+    def cache():
+        from amt_lib.data.cache import benchmark, bytes_per_sample
+        real = load_config(GPU_CHECK_SIZES['real']['preset'])
+        r = benchmark(None, batch_size=S['cache_batch'], batches=S['cache_batches'], num_workers=S['cache_workers'], device=str(dev))
+        rec['device_cache'] = dict(r, bytes_per_sample=bytes_per_sample(int(real.data.image_size), bool(real.data.cache_maps)),
+                                   bytes_per_sample_note=f'one cached sample of the h200 preset ({real.data.image_size} px, '
+                                                         f'maps {bool(real.data.cache_maps)}), uint8 image + labels')
+    def compiled(timeout):
+        state.pop('model', None); gc.collect()
+        if dev.type == 'cuda': torch.cuda.empty_cache()
+        cfg_c = load_config(S['preset'], list(S['overrides']) + ['model.compile=true', f'model.compile_backend={backend}'])
+        got, err = run_child('_gc_compiled', dict(cfg_yaml=config_to_yaml(cfg_c), device=str(dev),
+                                                  sizes={k: v for k, v in S.items() if k != 'timeouts'}), timeout)
+        if 'train' in got: rec['training']['compiled'] = dict(got['train'], compile_backend=backend)
+        if 'infer' in got: rec['inference']['compiled'] = got['infer']
+        if err: raise RuntimeError(f'torch.compile (backend {backend}) child: {err}')
+    def pipeline(timeout):
+        rd = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix='amt-gpu-check-'))
+        pre = pipeline_preset or S['pipeline_preset']
+        ov = [f'training.device={dev}'] + (['data.cache_device=cuda'] if dev.type == 'cuda' else [])
+        rec['pipeline'] = dict(preset=pre, overrides=ov, run_dir=str(rd), max_steps=S['pipeline_max_steps'],
+                               max_minutes=S['pipeline_max_minutes'], stages={},
+                               memory='per stage, measured inside its papermill kernel (IPython startup hook): CUDA '
+                                      'max_memory_allocated (cuda_max_allocated_mb) and the kernel process peak RSS')
+        got, err = run_child('_gc_pipeline', dict(preset=pre, overrides=ov, run_dir=str(rd), stages=list(stages),
+                                                  max_steps=S['pipeline_max_steps'], max_minutes=S['pipeline_max_minutes']),
+                             timeout, echo=log)
+        rec['pipeline']['stages'] = got
+        rec['pipeline']['wall_s'] = sum(v['wall_s'] for v in got.values())
+        if err: raise RuntimeError(f'pipeline child: {err}')
+
+    for part, fn in (('train', train), ('infer', infer), ('cache', cache), ('compiled', compiled), ('pipeline', pipeline)):
+        if part not in parts: continue
+        limit = min(S['timeouts'][part], deadline - time.perf_counter())
+        rec['parts'][part] = dict(ok=False, timeout_s=round(limit, 1))
+        if limit < 5:
+            rec['errors'][part] = f'not run: the {S["budget_s"]} s budget of the check was spent'; log(f'[{part}] {rec["errors"][part]}'); continue
+        log(f'[{part}] running (limit {limit:.0f} s) ...')
+        t = time.perf_counter()
+        try:
+            run_in_time(fn, limit) if part in ('train', 'infer', 'cache') else fn(limit)
+            rec['parts'][part]['ok'] = True
+        except Exception as e:
+            rec['errors'][part] = f'{type(e).__name__}: {e}'[:2000]
+            log(f'[{part}] FAILED: {rec["errors"][part][:500]}')
+        rec['parts'][part]['seconds'] = round(time.perf_counter() - t, 2)
+        save()
+    T = rec['training']
+    for k in ('eager', 'compiled'):
+        if k in T: T[f'mfu_{k}'] = model_flops_utilisation(T.get('flops', {}).get('train_flops_per_sample'), T[k]['samples_per_s'], name)
+    try: rec['record_rows'] = gpu_check_rows(rec)
+    except Exception as e: rec['errors']['record_rows'] = f'{type(e).__name__}: {e}'; rec['record_rows'] = ''
+    rec['ok'] = not rec['errors'] and all(p['ok'] for p in rec['parts'].values())
+    save()
+    log(f"amt gpu-check: {'all parts passed' if rec['ok'] else 'FAILED: ' + ', '.join(rec['errors'])} in {rec['wall_s']:.0f} s"
+        + (f"; wrote {out}" if out else ''))
+    if rec['warning']: log(f"*** {rec['warning']} ***")
+    return rec
+
+# %% ../nbs/12_bench.ipynb #bd854df6
+def cli_gpu_check(argv: list[str] | None = None) -> int:
+    "`amt gpu-check [--out FILE.json] [--device auto|cpu|cuda] [--small]`: the one-call acceptance check of a GPU."
+    from amt_lib.cli import run_command
+    return run_command('gpu-check', _gpu_check_command, argv)
+
+def _gpu_check_command(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(prog='amt gpu-check', description='Acceptance check of one GPU (8 minutes on an H200): '
+        'h200 training throughput and MFU (eager, compiled), inference latency and throughput, device cache vs DataLoader, '
+        'the rehearsal pipeline with per-stage wall time and peak memory. Writes one JSON file; on CPU it runs small sizes.')
+    ap.add_argument('--out', default=None, help='the JSON file (default gpu-check-<date>.json)')
+    ap.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
+    ap.add_argument('--small', action='store_true', help='small sizes even on a GPU (always on CPU)')
+    ap.add_argument('--parts', default=','.join(GPU_CHECK_PARTS), help='comma-separated subset of ' + ','.join(GPU_CHECK_PARTS))
+    ap.add_argument('--stages', default=','.join(PIPELINE_STAGES), help='the pipeline part\'s stages, comma-separated')
+    ap.add_argument('--run-dir', default=None, help='folder of the pipeline part (default: a new temporary folder)')
+    ap.add_argument('--pipeline-preset', default=None, help='default h200-rehearsal (smoke with small sizes)')
+    ap.add_argument('--compile-backend', default=None, help='torch.compile backend (default inductor; eager with small sizes)')
+    ap.add_argument('--record', default=None, metavar='FILE.md', help='also append the record rows to this markdown file')
+    a = ap.parse_args(argv)
+    out = a.out or f'gpu-check-{datetime.datetime.now():%Y%m%d-%H%M%S}.json'
+    split = lambda s: [x.strip() for x in s.split(',') if x.strip()]
+    dev = _pick_device(a.device)                                              # --device first: it picks the sizes
+    S = GPU_CHECK_SIZES['small' if a.small or dev.type != 'cuda' else 'real']
+    validate_config(load_config(S['preset'], [*S['overrides'], f'training.device={a.device}']), 'bench')   # the check's model
+    bad = sorted(set(split(a.parts)) - set(GPU_CHECK_PARTS)) + sorted(set(split(a.stages)) - set(PIPELINE_STAGES))
+    if bad: raise ConfigError(f'--parts/--stages: unknown {bad}; parts are {GPU_CHECK_PARTS}, stages {PIPELINE_STAGES}')
+    rec = gpu_check(out, a.device, a.small, split(a.parts), split(a.stages), a.run_dir, a.pipeline_preset,
+                    a.compile_backend, log=lambda s: print(s, flush=True))
+    print('\nrows for the benchmark record (nbs/12_bench.ipynb):\n' + rec['record_rows'])
+    if a.record:
+        with open(a.record, 'a') as fh: fh.write(rec['record_rows'] + '\n')
+        print(f'appended the rows to {a.record}')
+    return 0 if rec['ok'] else 1

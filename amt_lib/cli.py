@@ -4,10 +4,65 @@
 
 # %% ../nbs/90_cli.ipynb #4c3cacfa
 from __future__ import annotations
-import importlib, sys
+import datetime, errno, importlib, os, re, sys, tempfile, traceback
+from pathlib import Path
+from typing import Callable
 
 # %% auto #0
-__all__ = ['COMMANDS', 'main']
+__all__ = ['COMMANDS', 'expected_error', 'error_line', 'run_command', 'main']
+
+# %% ../nbs/90_cli.ipynb #cc629e18
+_ERROR_CLASSES = (('amt_lib.config', 'ConfigError'), ('amt_lib.learner.checkpoint', 'CheckpointError'),
+                  ('amt_lib.data.dexycb', 'DexYCBError'), ('amt_lib.hand_model', 'MANOFileError'),
+                  ('amt_lib.export', 'ExportError'), ('amt_lib.data.cache', 'CacheTooLarge'),
+                  ('amt_lib.models.backbone', 'BackboneKeysError'), ('amt_lib.models.backbone', 'BackboneWeightsError'))
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.ENOENT}
+
+def expected_error(e: BaseException) -> bool:
+    "Is `e` an error the user's input or machine causes (bad value, file, checkpoint, data, full or read-only disk), not a bug?"
+    classes = [getattr(sys.modules[m], n) for m, n in _ERROR_CLASSES if m in sys.modules and hasattr(sys.modules[m], n)]
+    if isinstance(e, tuple(classes)): return True    # a module that was never imported raised nothing
+    names = {n for _, n in _ERROR_CLASSES}           # by name too: a notebook that defines the class anew raises its own copy
+    if any(c.__name__ in names for c in type(e).__mro__): return True
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)): return True
+    return isinstance(e, OSError) and e.errno in _DISK_ERRNOS
+
+def error_line(cmd: str, # the subcommand, e.g. 'train'
+               e: BaseException) -> str:
+    "`amt <cmd>: error: <message>` on one line (a multi-line message is joined with '; ')."
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str): msg = e.args[0]
+    return f'amt {cmd}: error: ' + re.sub(r'[ \t]*\n\s*', '; ', msg)
+
+def _bug_log(cmd: str, argv: list[str]) -> Path:
+    "Write the traceback being handled, the command line and versions to a log file; return its path."
+    import platform
+    p = Path(tempfile.gettempdir())/f"amt-{cmd}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    try:
+        from amt_lib import __version__
+        p.write_text(f"amt {cmd} {' '.join(argv)}\namt_lib {__version__}, python {platform.python_version()}, "
+                     f"{platform.platform()}\n\n{traceback.format_exc()}")
+    except OSError: return Path('(the log could not be written; the traceback is above)')
+    return p
+
+def run_command(cmd: str, # the subcommand's name
+                fn: Callable[[list[str]], int | None], # its `cli_<name>(argv)`
+                argv: list[str], # the arguments after the subcommand
+               ) -> int:
+    "Call `fn(argv)`: expected errors end in one `amt <cmd>: error:` line and exit 2; a bug prints its traceback, a log path, exit 1."
+    try: return int(fn(argv) or 0)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)   # argparse: 0 or 2
+    except KeyboardInterrupt: print(f'amt {cmd}: interrupted', file=sys.stderr); return 130
+    except Exception as e:
+        sys.stdout.flush()
+        if expected_error(e): print(error_line(cmd, e), file=sys.stderr); return 2
+        log = _bug_log(cmd, argv)
+        traceback.print_exc()
+        print(f'amt {cmd}: internal error (a bug in amt_lib, please report it with the log): {type(e).__name__}: '
+              f"{' '.join(str(e).split())[:300]}; full log in {log}", file=sys.stderr)
+        return 1
+
 
 # %% ../nbs/90_cli.ipynb #54f8666f
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,12 +71,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'train': ('amt_lib.stages:cli_train', 'train (a whole run, or one stage of the recipe with --stage N)'),
     'sweep': ('amt_lib.learner.sweep:cli_sweep', 'a small local grid/random search, offline; writes a results table'),
     'run': ('amt_lib.stages:cli_run', 'run one experiment notebook with papermill'),
+    'recipe': ('amt_lib.stages:cli_recipe', 'print what every stage of the pipeline trains with (epochs, steps, lr, weights, ...)'),
     'pipeline': ('amt_lib.stages:cli_pipeline', 'stage 1 -> 2 -> 3 -> debugging, with a summary table'),
     'eval': ('amt_lib.inference:cli_eval', 'evaluate a checkpoint on a whole split (metrics JSON + official results file)'),
     'eval-results': ('amt_lib.data.dexycb:cli_eval_results', 'evaluate an official-format DexYCB hand results file'),
     'predict': ('amt_lib.inference:cli_predict', 'predict on images: JSON + overlay PNG per image'),
     'export': ('amt_lib.export:cli_export', 'export a checkpoint to ONNX (checked with onnxruntime) or TorchScript'),
     'bench': ('amt_lib.bench:cli_bench', 'throughput / latency / memory benchmarks, printed and written as JSON'),
+    'gpu-check': ('amt_lib.bench:cli_gpu_check', 'one-call acceptance check of a GPU (8 min on an H200): one JSON + record rows'),
     'bench-synth': ('amt_lib.data.synthetic:cli_bench_synth', 'SynthHOI generation speed (samples/s), JSON output'),
     'cache': ('amt_lib.data.cache:cli_cache', 'build or benchmark the device cache'),
 }
@@ -43,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f'amt: unknown command {cmd!r}\n\n{_usage()}', file=sys.stderr); return 2
     mod, fn = COMMANDS[cmd][0].split(':')
-    rc = getattr(importlib.import_module(mod), fn)(rest)
-    return int(rc or 0)
+    return run_command(cmd, getattr(importlib.import_module(mod), fn), rest)
 
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules:
     sys.exit(main())

@@ -9,15 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn, Tensor
+# the one definition of spread and collapse lives in metrics, the guards (alarm, gradient monitor) in the learner
+from .metrics import (RunningStats, COLLAPSE_RATIO, NARROW_RATIO, HAND_POSE_MIN_STD, Spread, AMT_SPREADS,
+                             DiversityReport, diversity_verdict, SpreadMeter)
+from .learner.guards import module_groups, grad_norms, ModeCollapseAlarm, GradientMonitor, _in_notebook
 
 # %% auto #0
-__all__ = ['COLLAPSE_RATIO', 'NARROW_RATIO', 'HAND_POSE_MIN_STD', 'AMT_SPREADS', 'HAND_BONES', 'to_device', 'model_device',
-           'run_model', 'as_output_dict', 'module_groups', 'RunningStats', 'ActivationStats', 'ModelReport',
-           'grad_norms', 'analyze_model', 'plot_activation_stats', 'plot_grad_norms', 'Spread', 'DiversityReport',
-           'diversity_verdict', 'SpreadMeter', 'prediction_diversity', 'plot_diversity', 'ModeCollapseAlarm',
+__all__ = ['HAND_BONES', 'to_device', 'model_device', 'run_model', 'as_output_dict', 'ActivationStats', 'ModelReport',
+           'analyze_model', 'plot_activation_stats', 'plot_grad_norms', 'prediction_diversity', 'plot_diversity',
            'activation_modules', 'DeadUnits', 'find_dead_units', 'plot_dead_units', 'eager_attention', 'attention_maps',
-           'cls_attention', 'plot_attention', 'NonFiniteError', 'nan_anomaly', 'GradientMonitor', 'plot_hand_object_3d',
-           'is_headless', 'sample_browser']
+           'cls_attention', 'plot_attention', 'NonFiniteError', 'nan_anomaly', 'plot_hand_object_3d', 'is_headless',
+           'sample_browser']
 
 # %% ../nbs/10_debugging.ipynb #553f1711
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -49,48 +51,6 @@ def as_output_dict(out: Any) -> dict[str, Tensor]:
     if isinstance(out, (list, tuple)): return {f'out{i}': v for i, v in enumerate(out) if isinstance(v, Tensor)}
     if hasattr(out, 'keys'): return {k: out[k] for k in out.keys() if isinstance(out[k], Tensor)}
     raise TypeError(f'cannot read a model output of type {type(out).__name__}')
-
-def module_groups(model: nn.Module) -> dict[str, nn.Module]:
-    "The model's components (`model.components` of the AMT) or else its top-level children."
-    comps = getattr(model, 'components', None)
-    if isinstance(comps, Mapping) and comps: return dict(comps)
-    kids = dict(model.named_children())
-    return kids or {'model': model}
-
-# %% ../nbs/10_debugging.ipynb #2d6b1597
-class RunningStats:
-    "Count, mean, std, share near zero and max |x| of a stream of tensors, in constant memory."
-    def __init__(self, shape: tuple = (), # () one set of statistics; (E,) one per element of the last dim
-                 near_zero: float = 1e-3, # |x| below this counts as near zero
-                ):
-        self.near_zero = near_zero
-        z = lambda: torch.zeros(shape, dtype=torch.float64)
-        self.n, self.s, self.ss, self.nz, self.amax = z(), z(), z(), z(), z()
-
-    def update(self, x: Tensor, # (..., E) or any shape for scalar statistics
-               mask: Tensor | None = None, # bool, same shape as x: only these values count
-              ):
-        "Add the values of `x` (where `mask`)."
-        x = x.detach().to(torch.float64)
-        if mask is None: mask = torch.ones_like(x, dtype=torch.bool)
-        mask = mask.expand_as(x).to(x.device)
-        dims = tuple(range(x.ndim)) if self.n.ndim == 0 else tuple(range(x.ndim - 1))
-        xm = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        self.n += mask.sum(dims).cpu()
-        self.s += xm.sum(dims).cpu()
-        self.ss += (xm * xm).sum(dims).cpu()
-        self.nz += ((x.abs() < self.near_zero) & mask).sum(dims).cpu()
-        self.amax = torch.maximum(self.amax, xm.abs().amax(dims).cpu() if xm.numel() else self.amax)
-        return self
-
-    @property
-    def mean(self) -> Tensor: return self.s / self.n.clamp(min=1)
-    @property
-    def std(self) -> Tensor:
-        "Population standard deviation."
-        return (self.ss / self.n.clamp(min=1) - self.mean ** 2).clamp(min=0).sqrt()
-    @property
-    def near_zero_share(self) -> Tensor: return self.nz / self.n.clamp(min=1)
 
 # %% ../nbs/10_debugging.ipynb #329b039d
 def _first_tensor(o: Any) -> Tensor | None:
@@ -165,15 +125,6 @@ def _default_loss(out: dict[str, Tensor]) -> Tensor:
     if not ts: raise ValueError('no output of the model requires grad; pass loss_fn=')
     return sum(ts)
 
-def grad_norms(model: nn.Module, groups: Mapping[str, nn.Module] | None = None) -> dict[str, float]:
-    "L2 norm of the current gradients of each component (`module_groups` by default); 0 for one without any."
-    groups = module_groups(model) if groups is None else groups
-    res = {}
-    for name, mod in groups.items():
-        sq = [p.grad.detach().float().pow(2).sum() for p in mod.parameters() if p.grad is not None]
-        res[name] = math.sqrt(sum(s.item() for s in sq)) if sq else 0.0
-    return res
-
 def analyze_model(model: nn.Module, batch: Any, # a batch the model can be called on (see `run_model`)
                   loss_fn: Callable | None = None, # loss_fn(out, batch) -> scalar or dict with 'loss'
                   call: Callable | None = None, near_zero: float = 1e-3, train: bool = True, # train: dropout etc. as in training
@@ -231,117 +182,6 @@ def plot_grad_norms(norms: Mapping[str, float] | ModelReport, ax=None):
     return ax.figure
 
 # %% ../nbs/10_debugging.ipynb #5cb9f62b
-COLLAPSE_RATIO = 0.1       # prediction spread under 10% of the ground truth's -> collapsed
-NARROW_RATIO = 0.5         # under 50% -> narrow
-HAND_POSE_MIN_STD = 1e-3   # metres: the reference design's warning sign (hand-pose std under 0.001)
-
-@dataclass
-class Spread:
-    "How to read one output's prediction, ground truth and valid mask (keys or callables)."
-    pred: str | Callable                  # key of the output dict, or fn(out) -> (B, ...)
-    gt: str | Callable | None = None      # key of the batch, or fn(batch) -> (B, ...) same shape as pred
-    mask: str | Callable | None = None    # key / fn(batch) -> bool (B,) or (B, slots); None: all count
-    min_std: float | None = None          # absolute floor of the prediction spread (units of the output)
-
-def _get(src: Mapping, how: str | Callable | None):
-    if how is None: return None
-    if callable(how): return how(src)
-    return src.get(how)
-
-def _rel(j: Tensor) -> Tensor: return j - j[..., :1, :]    # root-relative joints (wrist = joint 0)
-
-AMT_SPREADS: dict[str, Spread] = {
-    'hand_pose': Spread(lambda o: _rel(o['pred_hand_joints']) if 'pred_hand_joints' in o else None,
-                        lambda b: _rel(b['hand_joints_3d']), 'hand_valid', HAND_POSE_MIN_STD),
-    'hand_root': Spread(lambda o: o['pred_hand_joints'][..., 0, :] if 'pred_hand_joints' in o else None,
-                        lambda b: b['hand_joints_3d'][..., 0, :], 'hand_valid'),
-    'mano_pose': Spread('pred_mano_pose', 'mano_pose', 'hand_valid'),
-    'obj_pos': Spread('pred_obj_pos', lambda b: b['obj_pose'][..., :3, 3], 'obj_valid'),
-    'contact': Spread('pred_contact_prob', 'contact', 'obj_valid'),
-}
-
-@dataclass
-class DiversityReport:
-    "Spread of each output across samples, the ground truth's, their ratio and a verdict."
-    rows: dict[str, dict]     # name -> pred_std, gt_std, ratio, verdict, n
-    verdict: str              # worst verdict: collapsed | narrow | healthy
-    samples: int
-
-    @property
-    def collapsed(self) -> bool: return self.verdict == 'collapsed'
-
-    def table(self) -> str:
-        "The spreads as a text table."
-        out = [f"{'output':<10} {'pred std':>10} {'gt std':>10} {'ratio':>7}  verdict"]
-        for k, r in self.rows.items():
-            out.append(f"{k:<10} {r['pred_std']:>10.4g} {r['gt_std']:>10.4g} {r['ratio']:>7.3f}  {r['verdict']}")
-        return '\n'.join(out + [f'overall: {self.verdict} ({self.samples} samples)'])
-
-    def __repr__(self): return self.table()
-
-_RANK = {'healthy': 0, 'n/a': 0, 'narrow': 1, 'collapsed': 2}
-
-def diversity_verdict(pred_std: float, gt_std: float | None, min_std: float | None = None) -> tuple[float, str]:
-    "(ratio, verdict) for one output, with the thresholds documented above."
-    ratio = pred_std / gt_std if gt_std else float('nan')
-    floor = min_std if min_std is not None else (1e-6 if gt_std is None else None)
-    if floor is not None and pred_std < floor: return ratio, 'collapsed'
-    if gt_std is None or not gt_std: return ratio, 'n/a'
-    if ratio < COLLAPSE_RATIO: return ratio, 'collapsed'
-    if ratio < NARROW_RATIO: return ratio, 'narrow'
-    return ratio, 'healthy'
-
-class SpreadMeter:
-    "Accumulates the per-element spread across samples of predictions and ground truths (constant memory)."
-    def __init__(self, spreads: Mapping[str, Spread] | None = None):
-        self.spreads = dict(AMT_SPREADS if spreads is None else spreads)
-        self.pred: dict[str, RunningStats] = {}
-        self.gt: dict[str, RunningStats] = {}
-        self.samples = 0
-
-    def update(self, out: Any, batch: Mapping | None = None):
-        "Add a batch of model outputs (and the batch with its ground truth)."
-        o = as_output_dict(out)
-        batch = batch if isinstance(batch, Mapping) else {}
-        n = 0
-        for name, sp in self.spreads.items():
-            p = _get(o, sp.pred)
-            if p is None: continue
-            p = p.detach().float().cpu(); B = p.shape[0]; n = max(n, B)
-            m = _get(batch, sp.mask)
-            m = torch.ones(B, dtype=torch.bool) if m is None else m.detach().cpu().bool()
-            m = m.reshape(m.shape + (1,) * (p.ndim - m.ndim)).expand_as(p).reshape(B, -1)
-            p = p.reshape(B, -1)
-            self.pred.setdefault(name, RunningStats((p.shape[1],))).update(p, m)
-            g = _get(batch, sp.gt)
-            if g is not None:
-                g = g.detach().float().cpu().reshape(B, -1)
-                if g.shape != p.shape:
-                    raise ValueError(f'spread {name!r}: prediction {tuple(p.shape)} and ground truth {tuple(g.shape)} differ')
-                self.gt.setdefault(name, RunningStats((g.shape[1],))).update(g, m)
-        self.samples += n
-        return self
-
-    @staticmethod
-    def _spread(rs: RunningStats) -> float:
-        ok = rs.n >= 2
-        return rs.std[ok].mean().item() if ok.any() else float('nan')
-
-    def report(self) -> DiversityReport:
-        "The spreads so far, with verdicts."
-        rows = {}
-        for name, ps in self.pred.items():
-            p = self._spread(ps)
-            g = self._spread(self.gt[name]) if name in self.gt else None
-            if math.isnan(p): continue
-            ratio, v = diversity_verdict(p, None if g is None or math.isnan(g) else g, self.spreads[name].min_std)
-            rows[name] = dict(pred_std=p, gt_std=float('nan') if g is None else g, ratio=ratio, verdict=v,
-                              n=int(ps.n.max().item()))
-        scored = [r['verdict'] for k, r in rows.items() if not math.isnan(r['gt_std'])] or \
-                 [r['verdict'] for r in rows.values()]
-        verdict = max(scored, key=_RANK.get) if scored else 'n/a'
-        return DiversityReport(rows, 'healthy' if verdict == 'n/a' and rows else verdict, self.samples)
-
 @torch.no_grad()
 def prediction_diversity(model: nn.Module, loader: Iterable, # batches the model can be called on
                          spreads: Mapping[str, Spread] | None = None, # default AMT_SPREADS
@@ -355,7 +195,7 @@ def prediction_diversity(model: nn.Module, loader: Iterable, # batches the model
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches: break
             batch = to_device(batch, dev)
-            meter.update(run_model(model, batch, call), batch)
+            meter.update(as_output_dict(run_model(model, batch, call)), batch)
     finally: model.train(was_training)
     if not meter.pred:
         raise ValueError(f'none of the outputs {list(meter.spreads)} was found in the model output')
@@ -376,88 +216,6 @@ def plot_diversity(report: DiversityReport, ax=None):
     ax.set_ylabel('spread ratio pred / gt'); ax.set_title(f'prediction diversity: {report.verdict}')
     ax.legend(fontsize=7); ax.figure.tight_layout()
     return ax.figure
-
-# %% ../nbs/10_debugging.ipynb #726cd24c
-def _learn_step(learn, default: int) -> int:
-    "The learner's optimiser step count (`step_count` of amt_lib's Learner, or an int `step`), else `default`."
-    for k in ('step_count', 'step', 'iter'):
-        v = getattr(learn, k, None)
-        if isinstance(v, int) and not isinstance(v, bool): return v
-    return default
-
-class ModeCollapseAlarm:
-    "Trainer callback: warns (printed line + plot marker) when the batch spread of predictions falls."
-    order = 60
-    def __init__(self, spreads: Mapping[str, Spread] | None = None, # default AMT_SPREADS
-                 watch: str = 'hand_pose',   # the spread that raises the alarm
-                 window: int = 10,           # batches the ratio is averaged over
-                 threshold: float = COLLAPSE_RATIO, every: int = 1, # check every N batches
-                 plot: bool = True, file=None):
-        self.spreads = dict(AMT_SPREADS if spreads is None else spreads)
-        self.watch, self.window, self.threshold, self.every, self.plot_live = watch, window, threshold, every, plot
-        self.file = file
-        self.history: list[tuple[int, float, float]] = []   # (step, ratio, pred_std)
-        self.alarms: list[tuple[int, float]] = []           # (step, smoothed ratio) where the alarm fired
-        self._alarmed, self._n = False, 0
-
-    def _step(self, learn) -> int: return _learn_step(learn, self._n)
-
-    def after_batch(self, learn):
-        "Measure the batch spread (training batches only) and raise the alarm when it collapses."
-        if not getattr(learn, 'training', True): return
-        self._n += 1
-        if self._n % self.every: return
-        out, batch = getattr(learn, 'preds', None), getattr(learn, 'batch', None)
-        if out is None or batch is None: return
-        sp = self.spreads[self.watch]
-        m = SpreadMeter({self.watch: sp}).update(out, batch)
-        if self.watch not in m.pred or self.watch not in m.gt: return
-        p, g = SpreadMeter._spread(m.pred[self.watch]), SpreadMeter._spread(m.gt[self.watch])
-        if math.isnan(p) or math.isnan(g) or g == 0: return
-        step = self._step(learn)
-        self.history.append((step, p / g, p))
-        recent = self.history[-self.window:]
-        ratio, pstd = sum(h[1] for h in recent) / len(recent), sum(h[2] for h in recent) / len(recent)
-        bad = ratio < self.threshold or (sp.min_std is not None and pstd < sp.min_std)
-        if not bad: self._alarmed = False         # re-arm once the spread has recovered
-        elif not self._alarmed and len(recent) >= min(self.window, 3):
-            self._alarmed = True
-            self.alarms.append((step, ratio))
-            print(f'[mode-collapse alarm] step {step}: {self.watch} spread {pstd:.3g} is {ratio:.1%} of the '
-                  f'ground truth (alarm under {self.threshold:.0%}{"" if sp.min_std is None else f" or {sp.min_std:g}"})',
-                  file=self.file or sys.stdout, flush=True)
-
-    def after_epoch(self, learn):
-        "Refresh the live plot once per epoch (when plotting is on and a display is available)."
-        if self.plot_live and self.history and _in_notebook(): self.show()
-
-    def plot(self, ax=None):
-        "The spread ratio over training steps, alarms marked with red triangles."
-        import matplotlib.pyplot as plt
-        if ax is None: fig, ax = plt.subplots(figsize=(6, 3))
-        if self.history:
-            s, r, _ = zip(*self.history)
-            ax.plot(s, r, lw=1, label=f'{self.watch} spread ratio')
-        for st, ra in self.alarms: ax.plot([st], [ra], 'v', color='C3', ms=9)
-        ax.axhline(self.threshold, color='C3', ls='--', lw=1)
-        ax.set_xlabel('step'); ax.set_ylabel('pred / gt spread'); ax.set_title('mode-collapse alarm')
-        ax.set_ylim(bottom=0)
-        return ax.figure
-
-    def show(self):
-        "Draw the plot in the notebook, updating it in place."
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-        fig = self.plot()
-        if getattr(self, '_display', None) is None: self._display = display(fig, display_id=True)
-        else: self._display.update(fig)
-        plt.close(fig)
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None and type(get_ipython()).__name__ == 'ZMQInteractiveShell'
-    except ImportError: return False
 
 # %% ../nbs/10_debugging.ipynb #1354ea9f
 _ACT_NAMES = ('ReLU', 'ReLU6', 'GELU', 'SiLU', 'LeakyReLU', 'ELU', 'Mish', 'PReLU', 'Softplus', 'Hardswish',
@@ -611,50 +369,6 @@ def nan_anomaly(model: nn.Module, backward: bool = True, # also autograd anomaly
             yield
     finally:
         for h in handles: h.remove()
-
-# %% ../nbs/10_debugging.ipynb #01eb9f1f
-class GradientMonitor:
-    "Trainer callback: per-component gradient norms each step; flags non-finite, exploding and vanishing ones."
-    order = 55
-    def __init__(self, every: int = 1, explode: float = 100.0, vanish: float = 1e-8, warn: bool = True, file=None):
-        self.every, self.explode, self.vanish, self.warn, self.file = every, explode, vanish, warn, file
-        self.history: list[tuple[int, dict[str, float]]] = []
-        self.flags: list[tuple[int, str, str, float]] = []    # (step, component, kind, norm)
-        self._n = 0
-
-    def record(self, model: nn.Module, step: int | None = None):
-        "Measure the current gradients of `model`."
-        self._n += 1
-        if self._n % self.every: return
-        step = self._n if step is None else step
-        norms = grad_norms(model)
-        for k, v in norms.items():
-            past = sorted(h[1][k] for h in self.history[-50:] if k in h[1] and math.isfinite(h[1][k]) and h[1][k] > 0)
-            med = past[len(past) // 2] if past else None
-            kind = ('non-finite' if not math.isfinite(v) else
-                    'exploding' if med and v > self.explode * med else
-                    'vanishing' if 0 < v < self.vanish or (v == 0 and past) else None)
-            if kind:
-                self.flags.append((step, k, kind, v))
-                if self.warn: print(f'[gradient monitor] step {step}: {k} gradient norm {v:.3g} ({kind})',
-                                    file=self.file or sys.stdout, flush=True)
-        self.history.append((step, norms))
-
-    def after_backward(self, learn):
-        "Learner event after loss.backward(): record the norms."
-        self.record(getattr(learn, 'raw_model', None) or learn.model, _learn_step(learn, self._n + 1))
-
-    def plot(self, ax=None):
-        "Gradient norm per component over the steps (log scale), flags marked."
-        import matplotlib.pyplot as plt
-        if ax is None: fig, ax = plt.subplots(figsize=(6, 3))
-        names = list(self.history[0][1]) if self.history else []
-        for k in names:
-            ax.plot([h[0] for h in self.history], [max(h[1].get(k, 0), 1e-12) for h in self.history], lw=1, label=k)
-        for st, k, kind, v in self.flags: ax.plot([st], [max(v, 1e-12) if math.isfinite(v) else 1e12], 'x', color='C3')
-        ax.set_yscale('log'); ax.set_xlabel('step'); ax.set_ylabel('grad norm'); ax.set_title('gradient norms')
-        if names: ax.legend(fontsize=7)
-        return ax.figure
 
 # %% ../nbs/10_debugging.ipynb #52902397
 HAND_BONES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12),

@@ -134,6 +134,10 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, batch: int = 2
 # %% ../nbs/11a_export.ipynb #58f9af66
 def cli_export(argv: list[str] | None = None) -> int:
     "`amt export onnx|torchscript --ckpt C --out F [--batch 2] [--no-check] [--tolerance 1e-3]`."
+    from amt_lib.cli import run_command
+    return run_command('export', _export_command, argv)
+
+def _export_command(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog='amt export', description='Export a checkpoint (EMA weights, fp32, CPU) to ONNX or TorchScript.')
     ap.add_argument('format', choices=['onnx', 'torchscript'])
     ap.add_argument('--ckpt', required=True, help='checkpoint written by amt train')
@@ -145,21 +149,22 @@ def cli_export(argv: list[str] | None = None) -> int:
     ap.add_argument('--no-check', action='store_true', help='skip the onnxruntime comparison')
     ap.add_argument('--tolerance', type=float, default=1e-3, help='largest accepted |onnx - torch| (exit 1 above it)')
     a = ap.parse_args(argv)
-    try:
-        from amt_lib.inference import Predictor
-        pred = Predictor.from_checkpoint(a.ckpt, device='cpu', use_ema=not a.no_ema, precision='fp32')
-        size = int(pred.cfg.data.image_size) if pred.cfg is not None else 224
-        if a.format == 'torchscript':
-            r = export_torchscript(pred.model, a.out, a.batch, size)
-            print(f"wrote {r['path']} (TorchScript, {pred.weights} weights); max abs difference at another batch size: {r['max_abs_diff']:.3g}")
-            return 0
-        r = export_onnx(pred.model, a.out, a.batch, size, a.opset, a.exporter)
-        print(f"wrote {r['path']} ({r['exporter']} exporter, opset {a.opset}, dynamic batch axis, {pred.weights} weights, {r['seconds']} s)")
-        if r['fallback_reason']: print(f"  note: {r['fallback_reason']}")
-        if a.no_check: return 0
-        d = check_onnx(a.out, pred.model, (1, a.batch + 1), size)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f'amt export: error: {e}', file=sys.stderr); return 2
+    from amt_lib.config import ConfigError
+    from amt_lib.inference import Predictor
+    if a.batch < 1: raise ConfigError(f'--batch {a.batch}: expected an integer >= 1')
+    if a.opset < 7: raise ConfigError(f'--opset {a.opset}: expected an ONNX opset >= 7 (default 18)')
+    if not (math.isfinite(a.tolerance) and a.tolerance >= 0): raise ConfigError(f'--tolerance {a.tolerance}: expected a finite number >= 0')
+    pred = Predictor.from_checkpoint(a.ckpt, device='cpu', use_ema=not a.no_ema, precision='fp32', purpose='export')   # config checked first
+    size = int(pred.cfg.data.image_size) if pred.cfg is not None else 224
+    if a.format == 'torchscript':
+        r = export_torchscript(pred.model, a.out, a.batch, size)
+        print(f"wrote {r['path']} (TorchScript, {pred.weights} weights); max abs difference at another batch size: {r['max_abs_diff']:.3g}")
+        return 0
+    r = export_onnx(pred.model, a.out, a.batch, size, a.opset, a.exporter)
+    print(f"wrote {r['path']} ({r['exporter']} exporter, opset {a.opset}, dynamic batch axis, {pred.weights} weights, {r['seconds']} s)")
+    if r['fallback_reason']: print(f"  note: {r['fallback_reason']}")
+    if a.no_check: return 0
+    d = check_onnx(a.out, pred.model, (1, a.batch + 1), size)
     worst = max(d.values())
     for k, v in d.items(): print(f'  {k:<28} max |onnx - torch| = {v:.3g}')
     print(f"onnxruntime check at batch sizes 1 and {a.batch + 1}: max abs difference {worst:.3g} "

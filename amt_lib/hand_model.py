@@ -14,8 +14,8 @@ from torch import nn, Tensor
 from .geometry import axis_angle_to_matrix
 
 # %% auto #0
-__all__ = ['MANO_PARENTS', 'TIP_VERTEX_IDS', 'DEXYCB_JOINT_ORDER', 'MANO_KEYS', 'MANO_URL', 'load_mano_file', 'generate_mano',
-           'mano_cache_dir', 'generated_mano_path', 'resolve_mano_path', 'MANOLayer', 'local_frames',
+__all__ = ['MANO_PARENTS', 'TIP_VERTEX_IDS', 'DEXYCB_JOINT_ORDER', 'MANO_KEYS', 'MANO_URL', 'MANOFileError', 'load_mano_file',
+           'generate_mano', 'mano_cache_dir', 'generated_mano_path', 'resolve_mano_path', 'MANOLayer', 'local_frames',
            'multi_coordinate_features']
 
 # %% ../nbs/02_hand_model.ipynb #e56ba306
@@ -84,6 +84,9 @@ def _dechumpy(obj):
     raise pickle.UnpicklingError(f'cannot turn a pickled chumpy object into an array (state keys: '
                                  f'{sorted(st) if isinstance(st, dict) else type(st).__name__})')
 
+class MANOFileError(ValueError):
+    "A MANO file that cannot be used: not a pickle, not MANO's arrays, or naming code it may not run."
+
 def load_mano_file(
     path:str|os.PathLike, # MANO_RIGHT.pkl / MANO_LEFT.pkl (official, chumpy inside) or a generated one
 )->dict:                  # the MANO arrays (J_regressor stays scipy sparse)
@@ -94,11 +97,16 @@ def load_mano_file(
             f'MANO model file not found: {path}. Download MANO_RIGHT.pkl and MANO_LEFT.pkl from {MANO_URL} '
             '(free registration, "Models & Code"), put them in one folder and set the config key '
             'model.mano_path to that folder (model.mano_path=null uses the generated hand model).')
-    with open(path, 'rb') as f:
-        data = _dechumpy(_MANOUnpickler(f, encoding='latin1').load())
-    if not isinstance(data, dict): raise ValueError(f'{path} does not hold a MANO dict (got {type(data).__name__})')
+    todo = (f'use the official MANO_RIGHT.pkl / MANO_LEFT.pkl from {MANO_URL} in the folder model.mano_path names, '
+            'or model.mano_path=null for the generated hand model')
+    try:
+        with open(path, 'rb') as f: data = _dechumpy(_MANOUnpickler(f, encoding='latin1').load())
+    except pickle.UnpicklingError as e: raise MANOFileError(f'{path} was refused: {e}; {todo}') from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError, UnicodeDecodeError) as e:
+        raise MANOFileError(f'{path} is not a MANO pickle ({type(e).__name__}: {e}); {todo}') from None
+    if not isinstance(data, dict): raise MANOFileError(f'{path} does not hold a MANO dict (got {type(data).__name__}); {todo}')
     missing = [k for k in MANO_KEYS if k not in data]
-    if missing: raise ValueError(f'{path} is not a MANO model file: missing keys {missing}')
+    if missing: raise MANOFileError(f'{path} is not a MANO model file: missing keys {missing}; {todo}')
     return data
 
 # %% ../nbs/02_hand_model.ipynb #262fadb2

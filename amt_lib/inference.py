@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from omegaconf.errors import OmegaConfBaseException
-from .config import config_from_yaml, config_to_yaml, load_config, parse_overrides, ConfigError
+from .config import config_from_yaml, config_to_yaml, load_config, parse_overrides, validate_config, ConfigError
 from .geometry import crop_resize_affine, crop_resize_K, warp_affine, project_points, quat_to_matrix
 from .debugging import to_device, HAND_BONES
 
 # %% auto #0
-__all__ = ['ema_state_dict', 'resolve_device', 'Predictor', 'default_K', 'parse_K', 'square_box', 'crop_photo', 'load_photo',
-           'prediction_record', 'draw_overlay', 'predict_photos', 'cli_predict', 'evaluate', 'metrics_table',
-           'cli_eval']
+__all__ = ['ema_state_dict', 'resolve_device', 'Predictor', 'default_K', 'parse_K', 'check_K', 'clip_box', 'square_box',
+           'crop_photo', 'load_photo', 'prediction_record', 'draw_overlay', 'output_names', 'predict_photos',
+           'cli_predict', 'evaluate', 'metrics_table', 'cli_eval', 'objects_table']
 
 # %% ../nbs/11_inference.ipynb #304a1afd
 def _strip(sd: Mapping[str, Tensor], prefix: str) -> dict:
@@ -39,9 +39,13 @@ def ema_state_dict(ckpt: Mapping, # a loaded checkpoint dict
 
 # %% ../nbs/11_inference.ipynb #2aa2d1ba
 def resolve_device(device: str | torch.device = 'auto') -> torch.device:
-    "`auto` -> cuda when available, else cpu."
+    "`auto` -> cuda when available, else cpu; a device torch does not know, or CUDA where there is none, is a ConfigError."
     if str(device) == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(device)
+    try: d = torch.device(device)
+    except RuntimeError as e: raise ConfigError(f'--device {device!r}: expected auto, cpu, cuda or cuda:N ({e})') from None
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device {device!r}: no CUDA device is visible to torch {torch.__version__} here; use --device auto or cpu')
+    return d
 
 class Predictor:
     "A model ready for inference: eval mode, EMA weights, bf16 autocast on CUDA, optional torch.compile."
@@ -52,6 +56,7 @@ class Predictor:
         if precision not in ('auto', 'bf16', 'fp32'): raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
         self.dtype = torch.bfloat16 if precision == 'bf16' or (precision == 'auto' and self.device.type == 'cuda') else None
         self.cfg, self.weights = cfg, weights
+        self.source: str | None = None   # the checkpoint file, named in errors
         self.model = model.to(self.device).eval()
         for p in self.model.parameters(): p.requires_grad_(False)
         self.net = torch.compile(self.model) if compile else self.model
@@ -59,20 +64,24 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, # a checkpoint written by the trainer (last.pt / best.pt)
                         device: str | torch.device = 'auto', use_ema: bool = True, compile: bool = False,
-                        precision: str = 'auto') -> Predictor:
-        "Rebuild the model from the checkpoint's config and load its (EMA) weights strictly."
-        from amt_lib.learner.checkpoint import load_checkpoint
+                        precision: str = 'auto',
+                        purpose: str = 'predict', # what the model is for (`validate_config`): predict | eval | export | bench
+                       ) -> Predictor:
+        "Rebuild the model from the checkpoint's config (checked first) and load its (EMA) weights strictly."
+        from amt_lib.learner.checkpoint import load_checkpoint, require_checkpoint, CheckpointError
         from amt_lib.models.amt import build_model
         path = Path(path)
         if not path.exists(): raise FileNotFoundError(f'checkpoint {path} does not exist')
-        ck = load_checkpoint(path)
-        if 'config' not in ck: raise KeyError(f'checkpoint {path} has no config: it was not written by amt_lib.learner')
-        cfg = config_from_yaml(ck['config'])
+        ck = require_checkpoint(load_checkpoint(path), f'checkpoint {path}')
+        try: cfg = validate_config(config_from_yaml(ck['config']), purpose)
+        except ConfigError as e: raise ConfigError(f'checkpoint {path}: its config: {e}') from None
         model = build_model(cfg)
         sd, src = ema_state_dict(ck, use_ema)
         try: model.load_state_dict(sd, strict=True)
-        except RuntimeError as e: raise RuntimeError(f'checkpoint {path}: the {src} weights do not fit the model its config builds: {e}') from None
-        return cls(model, cfg, device, precision, compile, weights=src)
+        except RuntimeError as e: raise CheckpointError(f'checkpoint {path}: the {src} weights do not fit the model its config builds: {e}') from None
+        pred = cls(model, cfg, device, precision, compile, weights=src)
+        pred.source = str(path)
+        return pred
 
     @torch.no_grad()
     def predict(self, images: Tensor, # (B,3,224,224) float 0..1, or uint8 0..255
@@ -103,10 +112,36 @@ def default_K(width: int, height: int) -> Tensor:
     return torch.tensor([[f, 0., width / 2], [0., f, height / 2], [0., 0., 1.]])
 
 def parse_K(text: str) -> Tensor:
-    "`fx,fy,cx,cy` -> (3,3) intrinsics."
+    "`fx,fy,cx,cy` -> (3,3) intrinsics; every value finite, fx and fy > 0."
     try: fx, fy, cx, cy = (float(v) for v in text.split(','))
     except ValueError: raise ValueError(f'--K must be four comma-separated numbers fx,fy,cx,cy, got {text!r}') from None
+    bad = [f'{n}={v}' for n, v in zip(('fx', 'fy', 'cx', 'cy'), (fx, fy, cx, cy)) if not math.isfinite(v)]
+    if bad: raise ValueError(f'--K must be finite numbers fx,fy,cx,cy, got {", ".join(bad)}')
+    if fx <= 0 or fy <= 0: raise ValueError(f'--K: the focal lengths must be > 0 pixels, got fx={fx:g}, fy={fy:g}')
     return torch.tensor([[fx, 0., cx], [0., fy, cy], [0., 0., 1.]])
+
+def check_K(K: Tensor, # (3,3) intrinsics of the photo, pixels
+            width: int, height: int) -> Tensor:
+    "`K` if it fits a `width` x `height` photo: finite, fx, fy > 0, principal point within half the image size of the image."
+    K = torch.as_tensor(K, dtype=torch.float64)
+    fx, fy, cx, cy = (float(v) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+    if not (torch.isfinite(K).all() and fx > 0 and fy > 0): raise ValueError(f'intrinsics fx={fx:g}, fy={fy:g}: not finite and > 0')
+    if not (-width / 2 <= cx <= 1.5 * width and -height / 2 <= cy <= 1.5 * height):
+        raise ValueError(f'--K principal point ({cx:g}, {cy:g}) is far outside the {width}x{height} image '
+                         f'(expected about ({width / 2:g}, {height / 2:g})): give K in pixels of this image')
+    return K.float()
+
+def clip_box(box: Sequence[float], # [x0,y0,x1,y1] photo pixels
+             width: int, height: int) -> tuple[np.ndarray, str | None]: # (clipped box, warning or None)
+    "A hand box checked against the photo: finite, positive size, clipped to the image (with a warning); fully outside is an error."
+    b = np.asarray(box, dtype=np.float64).reshape(-1)
+    if b.shape != (4,) or not np.isfinite(b).all() or b[2] <= b[0] or b[3] <= b[1]:
+        raise ValueError(f'hand box {b.tolist()} must be four finite numbers x0,y0,x1,y1 with x1>x0, y1>y0')
+    c = np.array([max(b[0], 0.), max(b[1], 0.), min(b[2], float(width)), min(b[3], float(height))])
+    if c[2] <= c[0] or c[3] <= c[1]:
+        raise ValueError(f'hand box {[round(v, 1) for v in b.tolist()]} lies outside the {width}x{height} image')
+    if np.array_equal(c, b): return b, None
+    return c, f'hand box {[round(v, 1) for v in b.tolist()]} reaches outside the {width}x{height} image; clipped to {[round(v, 1) for v in c.tolist()]}'
 
 def square_box(points: Tensor | np.ndarray | None, # (N,2) 2D hand hints in photo pixels (N >= 2), or None
                width: int, height: int, margin: float = 1.5, # side = margin x the hints' bounding-box side
@@ -130,14 +165,24 @@ def crop_photo(photo: Tensor, # (3,H,W) float 0..1
     img = warp_affine(photo.double()[None], A[None], size)[0].float().clamp(0, 1)
     return img, crop_resize_K(K.double(), box.double(), size).float(), A.float()
 
+def _as_rgb01(im) -> np.ndarray: # (H,W,3) float32 0..1
+    "PIL image -> RGB floats: 16-bit greyscale (I;16*) over 65535, 32-bit integer over 65535 when past 255, else 8-bit RGB."
+    if im.mode.startswith('I;16') or im.mode == 'I':
+        a = np.asarray(im).astype(np.float32)
+        a = a / (65535. if im.mode != 'I' or a.max() > 255 else 255.)
+        return np.repeat(a.clip(0, 1)[..., None], 3, -1)
+    if im.mode == 'F': return np.repeat(np.asarray(im, np.float32).clip(0, 1)[..., None], 3, -1)
+    return np.asarray(im.convert('RGB'), np.float32) / 255
+
 def load_photo(path: str | os.PathLike) -> Tensor: # (3,H,W) float 0..1
-    "Read an image file (any PIL format) as RGB."
-    from PIL import Image
+    "Read an image file (any PIL format) as RGB, upright by its EXIF orientation, 16-bit images at full range."
+    from PIL import Image, ImageOps
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'image {path} does not exist')
-    try: im = Image.open(path).convert('RGB')
+    try:
+        with Image.open(path) as im: a = _as_rgb01(ImageOps.exif_transpose(im))
     except Exception as e: raise ValueError(f'cannot read image {path}: {e}') from None
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
 
 # %% ../nbs/11_inference.ipynb #b93aea6d
 def _ycb_names() -> dict[int, str]:
@@ -148,11 +193,18 @@ def _ycb_names() -> dict[int, str]:
 
 def prediction_record(out: Mapping[str, Tensor], # the Predictor's output for a batch
                       i: int = 0, # which sample of the batch
-                      contact_threshold: float = 0.5) -> dict:
+                      contact_threshold: float = 0.5,
+                      confidence_tau: float | None = None, # the checkpoint's loss.confidence_tau (metres), named in the record
+                     ) -> dict:
     "Sample `i` of a prediction as a JSON-ready dict: hand joints (mm), objects (mm, quaternions), contacts."
     mm = lambda t: (t * 1000).tolist()
     rec = {'hand': {'joints_mm': mm(out['pred_hand_joints'][i])}}
-    if 'pred_hand_conf' in out: rec['hand']['confidence'] = out['pred_hand_conf'][i].tolist()
+    if 'pred_hand_conf' in out:
+        rec['hand']['confidence'] = out['pred_hand_conf'][i].tolist()
+        tau = f'{confidence_tau * 1000:g} mm' if confidence_tau is not None else "the run's loss.confidence_tau"
+        rec['hand']['confidence_meaning'] = (f'per joint, 0..1: the predicted exp(-e / tau), e = the 3D error of that joint in the '
+                                             f'camera frame, tau = {tau} (1: exact, 0.37: an error of tau); trained by the '
+                                             f'confidence loss term, calibration in the amt eval metrics (conf_spearman, conf_ause)')
     if 'pred_hand_joints_2d' in out: rec['hand']['joints_2d_px'] = out['pred_hand_joints_2d'][i].tolist()
     if 'pred_mano_betas' in out: rec['hand']['mano_betas'] = out['pred_mano_betas'][i].tolist()
     objs = []
@@ -173,7 +225,6 @@ def prediction_record(out: Mapping[str, Tensor], # the Predictor's output for a 
                 p = float(out['pred_contact_prob'][i, s])
                 o['contact'] = {'probability': p, 'in_contact': p > contact_threshold}
                 if 'pred_contact_points' in out: o['contact']['point_mm'] = mm(out['pred_contact_points'][i, s])
-                if 'pred_contact_forces' in out: o['contact']['force_n'] = out['pred_contact_forces'][i, s].tolist()
             objs.append(o)
     rec['objects'] = objs
     return rec
@@ -205,6 +256,7 @@ def draw_overlay(image: Tensor, # (3,S,S) the model's input crop, 0..1
             p = o.get('contact', {}).get('probability')
             d.text((uv[0] + 6, uv[1] - 6), f"{o['class_id']}" + (f' c{p:.2f}' if p is not None else ''), fill=(255, 255, 0))
     if title: d.text((4, 4), title, fill=(255, 255, 255))
+    if 'pred_hand_conf' in out: d.text((4, im.height - 14), 'dot size: joint confidence (predicted exp(-error/tau))', fill=(255, 255, 255))
     return im
 
 # %% ../nbs/11_inference.ipynb #791ce02d
@@ -214,60 +266,104 @@ def _read_hints(path: str | os.PathLike, images: Sequence[str]) -> dict[str, np.
     if not p.exists(): raise FileNotFoundError(f'hints file {p} does not exist')
     try: d = json.loads(p.read_text())
     except json.JSONDecodeError as e: raise ValueError(f'hints file {p} is not JSON: {e}') from None
-    if isinstance(d, list): return {im: np.asarray(d, dtype=np.float64) for im in images}
-    if isinstance(d, dict):
-        res = {}
-        for im in images:
-            key = next((k for k in (im, Path(im).name, Path(im).stem) if k in d), None)
-            if key is not None: res[im] = np.asarray(d[key], dtype=np.float64)
-        return res
+    try:
+        if isinstance(d, list): return {im: np.asarray(d, dtype=np.float64) for im in images}
+        if isinstance(d, dict):
+            res = {}
+            for im in images:
+                key = next((k for k in (im, Path(im).name, Path(im).stem) if k in d), None)
+                if key is not None: res[im] = np.asarray(d[key], dtype=np.float64)
+            return res
+    except (TypeError, ValueError) as e: raise ValueError(f'hints file {p}: points must be numbers [x, y] ({e})') from None
     raise ValueError(f'hints file {p}: expected a list of [x, y] points or a dict image name -> points')
+
+def output_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    "A distinct output name per image: its stem; where stems repeat, its path below the inputs' common folder, '/' and '.' as '_'."
+    stems = [Path(p).stem for p in paths]
+    full = [os.path.abspath(p) for p in paths]
+    top = os.path.commonpath([os.path.dirname(f) for f in full]) if full else ''
+    names = [s if stems.count(s) == 1 else os.path.relpath(f, top).replace(os.sep, '_').replace('.', '_')
+             for s, f in zip(stems, full)]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):                                      # the same file given twice
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1: names[i] = f'{n}_{seen[n]}'
+    return names
+
+def _prepare(p: str, K: Tensor | None, hand_box, hints, size: int, margin: float) -> dict:
+    "One photo as the model's input, its intrinsics and hand box checked (ValueError / FileNotFoundError naming the problem)."
+    photo = load_photo(p)
+    H, W = photo.shape[1:]
+    Kp, Ksrc = (check_K(K, W, H), 'given (--K)') if K is not None else (default_K(W, H), 'default: focal = longer side, centred (metric depth is a guess)')
+    pts, src, warn = None, None, None
+    if hints is not None and str(p) in hints:
+        h = np.asarray(hints[str(p)], dtype=np.float64).reshape(-1, 2)
+        if len(h) < 2 or not np.isfinite(h).all(): raise ValueError(f'hints for {p}: need at least 2 finite [x, y] points, got {h.tolist()}')
+        b, warn = clip_box([*h.min(0), *(h.max(0) + (h.max(0) == h.min(0)))], W, H)
+        pts, src = b.reshape(2, 2), 'hints'
+    elif hand_box is not None:
+        b, warn = clip_box(hand_box, W, H)
+        pts, src = b.reshape(2, 2), 'hand box'
+    box, mode = square_box(pts, W, H, margin)
+    img, Kc, A = crop_photo(photo, Kp, box, size)
+    how = f'cropped around the hand ({src})' if mode == 'hand' else 'centre-cropped (no hand hints given)'
+    return dict(path=str(p), img=img, K=Kc, A=A, Kp=Kp, Ksrc=Ksrc, box=box, mode=mode, how=how, size=(W, H), warning=warn)
 
 def predict_photos(predictor: Predictor, paths: Sequence[str | os.PathLike], # image files
                    out_dir: str | os.PathLike, K: Tensor | None = None, # (3,3) intrinsics of the photos; None: default_K
                    hand_box: Sequence[float] | None = None, # [x0,y0,x1,y1] the hand's box in every photo
                    hints: Mapping[str, np.ndarray] | None = None, # image path -> (N,2) hand keypoints, photo pixels
-                   batch_size: int = 16, margin: float | None = None) -> list[dict]:
-    "Predict each photo; write `<stem>.json` and `<stem>_overlay.png` into `out_dir`; return the records."
+                   batch_size: int = 16, margin: float | None = None,
+                   errors: list | None = None, # given: a failing image is appended here ({'image', 'error'}) and the others go on
+                  ) -> list[dict]:
+    "Predict each photo; write `<name>.json` and `<name>_overlay.png` (`output_names`) into `out_dir`; return the records."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     size = int(predictor.cfg.data.image_size) if predictor.cfg is not None else 224
     margin = margin if margin is not None else (float(predictor.cfg.data.crop_margin) if predictor.cfg is not None else 1.5)
+    def failed(p, e):
+        if errors is None: raise e
+        errors.append({'image': str(p), 'error': str(e)})
     items = []
-    for p in paths:
-        photo = load_photo(p)
-        H, W = photo.shape[1:]
-        Kp, Ksrc = (K.clone(), 'given (--K)') if K is not None else (default_K(W, H), 'default: focal = longer side, centred (metric depth is a guess)')
-        pts = None
-        if hints is not None and str(p) in hints: pts, src = hints[str(p)], 'hints'
-        elif hand_box is not None: pts, src = np.asarray(hand_box, dtype=np.float64).reshape(2, 2), 'hand box'
-        box, mode = square_box(pts, W, H, margin)
-        img, Kc, A = crop_photo(photo, Kp, box, size)
-        how = f'cropped around the hand ({src})' if mode == 'hand' else 'centre-cropped (no hand hints given)'
-        items.append(dict(path=str(p), img=img, K=Kc, A=A, Kp=Kp, Ksrc=Ksrc, box=box, mode=mode, how=how, size=(W, H)))
-    records = []
+    for p, name in zip(paths, output_names(paths)):
+        try: items.append(dict(_prepare(p, K, hand_box, hints, size, margin), name=name))
+        except (FileNotFoundError, ValueError) as e: failed(p, e)
+    records, ckpt = [], predictor.source or 'the given model'
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
         out = predictor.predict(torch.stack([c['img'] for c in chunk]), torch.stack([c['K'] for c in chunk]))
         for i, c in enumerate(chunk):
+            bad = [k for k, v in out.items() if not torch.isfinite(v[i]).all()]
+            if bad:
+                failed(c['path'], ValueError(f"{c['path']}: the model's output is not finite ({', '.join(bad)}) with checkpoint {ckpt}; "
+                                             'nothing written for this image')); continue
             rec = {'image': c['path'], 'image_size': list(c['size']),
                    'crop': {'mode': c['mode'], 'description': c['how'], 'box': c['box'].tolist(), 'size': size},
                    'K': c['Kp'].tolist(), 'K_source': c['Ksrc'], 'K_crop': c['K'].tolist(),
                    'weights': predictor.weights, **prediction_record(out, i)}
+            if c['warning']: rec['warnings'] = [c['warning']]
             if 'pred_hand_joints_2d' in out:      # back to photo pixels through the inverse crop affine
                 uv = torch.cat([out['pred_hand_joints_2d'][i], torch.ones(21, 1)], -1) @ torch.linalg.inv(c['A']).T
                 rec['hand']['joints_2d_photo_px'] = uv[:, :2].tolist()
-            stem = Path(c['path']).stem
-            (out_dir/f'{stem}.json').write_text(json.dumps(rec, indent=1))
-            draw_overlay(c['img'], out, i, c['K'], title=f"{stem}: {c['mode']} crop").save(out_dir/f'{stem}_overlay.png')
-            rec['json'], rec['overlay'] = str(out_dir/f'{stem}.json'), str(out_dir/f'{stem}_overlay.png')
+            try: text = json.dumps(rec, indent=1, allow_nan=False)     # valid JSON only: never a NaN
+            except ValueError as e: failed(c['path'], ValueError(f"{c['path']}: a non-finite number in the record ({e})")); continue
+            js, ov = out_dir/f"{c['name']}.json", out_dir/f"{c['name']}_overlay.png"
+            js.write_text(text)
+            draw_overlay(c['img'], out, i, c['K'], title=f"{c['name']}: {c['mode']} crop").save(ov)
+            rec['json'], rec['overlay'] = str(js), str(ov)
             records.append(rec)
     return records
 
 def cli_predict(argv: list[str] | None = None) -> int:
-    "`amt predict IMAGE... --ckpt C [--K fx,fy,cx,cy] [--hand-box x0,y0,x1,y1 | --hints F.json] [--out DIR]`."
+    "`amt predict IMAGE... --ckpt C [--K fx,fy,cx,cy] [--hand-box x0,y0,x1,y1 | --hints F.json] [--out DIR]`; 2 if any image failed."
+    from amt_lib.cli import run_command
+    return run_command('predict', _predict_command, argv)
+
+def _predict_command(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog='amt predict', description='Predict hand joints, objects and contacts for photos; '
-                                 'writes <stem>.json and <stem>_overlay.png per image.')
-    ap.add_argument('images', nargs='+', help='image files (any size; cropped to the model input)')
+                                 'writes <stem>.json and <stem>_overlay.png per image (images with the same stem: the path '
+                                 'below their common folder, e.g. a_img_png). Good images are written even when others fail; '
+                                 'the exit status is then 2.')
+    ap.add_argument('images', nargs='+', help='image files (any size; cropped to the model input; EXIF orientation applied)')
     ap.add_argument('--ckpt', required=True, help='checkpoint written by amt train (its EMA weights are used)')
     ap.add_argument('--K', help='intrinsics of the photos fx,fy,cx,cy in pixels (default: focal = longer side, centred)')
     ap.add_argument('--hand-box', help='x0,y0,x1,y1: the hand in the photos, pixels; the crop is taken around it')
@@ -276,20 +372,26 @@ def cli_predict(argv: list[str] | None = None) -> int:
     ap.add_argument('--device', default='auto'); ap.add_argument('--no-ema', action='store_true', help='use the raw weights')
     ap.add_argument('--compile', action='store_true', help='torch.compile the model')
     a = ap.parse_args(argv)
-    try:
+    errors = []
+    try:                                            # the options' values: a bad one is the user's (ConfigError: one line, exit 2)
         K = parse_K(a.K) if a.K else None
         box = None
         if a.hand_box:
-            try: box = [float(v) for v in a.hand_box.split(',')]; assert len(box) == 4 and box[2] > box[0] and box[3] > box[1]
-            except (ValueError, AssertionError): raise ValueError(f'--hand-box must be x0,y0,x1,y1 with x1>x0, y1>y0, got {a.hand_box!r}') from None
+            try: box = [float(v) for v in a.hand_box.split(',')]; assert len(box) == 4
+            except (ValueError, AssertionError): raise ValueError(f'--hand-box must be x0,y0,x1,y1, got {a.hand_box!r}') from None
+            clip_box(box, math.inf, math.inf)       # finite, positive size (the image bounds are checked per image)
         hints = _read_hints(a.hints, a.images) if a.hints else None
-        pred = Predictor.from_checkpoint(a.ckpt, a.device, use_ema=not a.no_ema, compile=a.compile)
-        recs = predict_photos(pred, a.images, a.out, K, box, hints)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, ConfigError) as e:
-        print(f'amt predict: error: {e}', file=sys.stderr); return 2
+    except ValueError as e: raise ConfigError(str(e)) from None
+    pred = Predictor.from_checkpoint(a.ckpt, a.device, use_ema=not a.no_ema, compile=a.compile, purpose='predict')
+    recs = predict_photos(pred, a.images, a.out, K, box, hints, errors=errors)
     for r in recs:
+        for w in r.get('warnings', []): print(f"amt predict: warning: {r['image']}: {w}", file=sys.stderr)
         print(f"{r['image']}: {r['crop']['description']}; {len(r['objects'])} object(s); wrote {r['json']} and {r['overlay']}")
-    return 0
+    for e in errors: print(f"amt predict: error: {e['image']}: {e['error']}", file=sys.stderr)
+    n = len(recs) + len(errors)
+    print(f'amt predict: {len(recs)} of {n} image(s) written to {a.out}' +
+          (f"; {len(errors)} failed: {', '.join(e['image'] for e in errors)}" if errors else ''), file=sys.stderr if errors else sys.stdout)
+    return 2 if errors else 0
 
 # %% ../nbs/11_inference.ipynb #7166fa9b
 def evaluate(predictor: Predictor, loader: Iterable, # batches of samples
@@ -318,6 +420,10 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
 
 def cli_eval(argv: list[str] | None = None) -> int:
     "`amt eval --ckpt C --data synth|dexycb --setup s0 --split test [--root R]`: metrics table, metrics JSON, hand results file."
+    from amt_lib.cli import run_command
+    return run_command('eval', _eval_command, argv)
+
+def _eval_command(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog='amt eval', description='Evaluate a checkpoint (EMA weights) on a whole split.')
     ap.add_argument('--ckpt', required=True, help='checkpoint written by amt train')
     ap.add_argument('--data', choices=['synth', 'dexycb'], default=None, help="data set (default: the checkpoint's)")
@@ -331,44 +437,61 @@ def cli_eval(argv: list[str] | None = None) -> int:
     ap.add_argument('--no-progress', action='store_true')
     ap.add_argument('overrides', nargs='*', help='dotted config overrides for the data (e.g. data.num_workers=4)')
     a = ap.parse_args(argv)
-    try:
-        pred = Predictor.from_checkpoint(a.ckpt, a.device, use_ema=not a.no_ema)
-        from amt_lib.data.loaders import build_dataset
-        from amt_lib.metrics import Evaluator
-        from omegaconf import OmegaConf
-        cfg = pred.cfg.copy()
-        ov = [f'data.source={a.data}'] if a.data else []
-        if a.setup: ov.append(f'data.setup={a.setup}')
-        if a.root: ov.append(f'data.root={a.root}')
-        ov += list(a.overrides)
-        if any(not o.startswith('data.') for o in a.overrides): raise ConfigError('amt eval only accepts data.* overrides')
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(parse_overrides(ov)))   # struct mode: an unknown key is an error
-        ds = build_dataset(cfg, a.split)
-        bs = a.batch_size or int(cfg.training.batch_size)
-        dl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False, num_workers=int(cfg.data.num_workers))
-        t0 = time.time()
-        ev = evaluate(pred, dl, Evaluator(keep_predictions=True, obj_points=_object_points(ds)),
-                      progress=not a.no_progress, max_batches=a.max_batches,
-                      desc=f'eval {cfg.data.source} {a.split}')
-        m = ev.compute()
-        run_dir = Path(a.ckpt).resolve().parent.parent if Path(a.ckpt).resolve().parent.name == 'checkpoints' else Path(a.ckpt).resolve().parent
-        tag = f'{cfg.data.source}-{cfg.data.setup}-{a.split}' if cfg.data.source == 'dexycb' else f'{cfg.data.source}-{a.split}'
-        out = Path(a.out) if a.out else run_dir/'eval'/tag
-        out.mkdir(parents=True, exist_ok=True)
-        info = dict(checkpoint=str(a.ckpt), weights=pred.weights, data=cfg.data.source, setup=cfg.data.setup, split=a.split,
-                    samples=int(sum(len(i) for i in ev.indices)), seconds=round(time.time() - t0, 2), device=str(pred.device))
-        (out/'metrics.json').write_text(json.dumps({**info, 'metrics': m}, indent=1))
-        res = ev.write_hand_results(out/f'hpe_{cfg.data.setup}_{a.split}.txt')
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, ConfigError, OmegaConfBaseException) as e:
-        print(f'amt eval: error: {e}', file=sys.stderr); return 2
+    from amt_lib.data.loaders import build_dataset, ignore_stop_signals
+    from amt_lib.learner.checkpoint import CheckpointError
+    from amt_lib.metrics import Evaluator
+    from omegaconf import OmegaConf
+    if a.split not in ('train', 'val', 'test'): raise ConfigError(f'--split {a.split!r}: expected one of train | val | test')
+    for k in ('batch_size', 'max_batches'):
+        if getattr(a, k) is not None and getattr(a, k) < 1: raise ConfigError(f"--{k.replace('_', '-')} {getattr(a, k)}: expected an integer >= 1")
+    if any(not o.startswith('data.') for o in a.overrides): raise ConfigError('amt eval only accepts data.* overrides')
+    pred = Predictor.from_checkpoint(a.ckpt, a.device, use_ema=not a.no_ema, purpose='eval')
+    ov = [f'data.source={a.data}'] if a.data else []
+    if a.setup: ov.append(f'data.setup={a.setup}')
+    if a.root: ov.append(f'data.root={a.root}')
+    ov += list(a.overrides)
+    try: cfg = OmegaConf.merge(pred.cfg.copy(), OmegaConf.create(parse_overrides(ov)))   # struct mode: an unknown key is an error
+    except OmegaConfBaseException as e: raise ConfigError(f"{' '.join(ov)}: {str(e).splitlines()[0]}") from None
+    validate_config(cfg, 'eval')                    # the data overrides, before any data is read
+    ds = build_dataset(cfg, a.split)
+    bs = a.batch_size or int(cfg.training.batch_size)
+    nw = int(cfg.data.num_workers)
+    dl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False, num_workers=nw,
+                                     worker_init_fn=ignore_stop_signals if nw else None)
+    t0 = time.time()
+    ev = evaluate(pred, dl, Evaluator(keep_predictions=True, obj_points=_object_points(ds)),
+                  progress=not a.no_progress, max_batches=a.max_batches,
+                  desc=f'eval {cfg.data.source} {a.split}')
+    m = ev.compute(per_class=bool(ev.obj_points))
+    n_seen = m['nonfinite_pred'] + int(sum(len(i) for i in ev.indices))
+    if m['nonfinite_pred']:                         # a model that outputs NaN/inf: say which, write nothing
+        print(metrics_table(m))
+        raise CheckpointError(f"checkpoint {a.ckpt}: the model's output is not finite for {m['nonfinite_pred']} of {n_seen} "
+                              f"samples ({pred.weights} weights); the metrics above leave them out; nothing written")
+    run_dir = Path(a.ckpt).resolve().parent.parent if Path(a.ckpt).resolve().parent.name == 'checkpoints' else Path(a.ckpt).resolve().parent
+    tag = f'{cfg.data.source}-{cfg.data.setup}-{a.split}' if cfg.data.source == 'dexycb' else f'{cfg.data.source}-{a.split}'
+    out = Path(a.out) if a.out else run_dir/'eval'/tag
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(checkpoint=str(a.ckpt), weights=pred.weights, data=cfg.data.source, setup=cfg.data.setup, split=a.split,
+                samples=n_seen, seconds=round(time.time() - t0, 2), device=str(pred.device))
+    (out/'metrics.json').write_text(json.dumps({**info, 'metrics': m}, indent=1))
+    res = ev.write_hand_results(out/f'hpe_{cfg.data.setup}_{a.split}.txt')
     print(f"{info['samples']} samples of {tag} ({pred.weights} weights, {info['seconds']} s)")
     print(metrics_table(m))
+    if m.get('objects_per_class'): print(objects_table(m['objects_per_class']))
     print(f'wrote {out/"metrics.json"} and {res}')
     return 0
 
 def _object_points(ds) -> dict | None:
-    "YCB id -> model points of the data set's objects (enables ADD / ADD-S), when the data set provides them."
-    f = getattr(ds, 'model_points', None) or getattr(ds, 'object_points', None)
-    if not callable(f): return None
-    try: return {c: torch.as_tensor(f(c)) for c in range(1, 22)}
-    except Exception: return None
+    "YCB id -> model points of the data set's objects (`object_model_points()`: enables ADD / ADD-S and their scores), else None."
+    f = getattr(ds, 'object_model_points', None)
+    return f() if callable(f) else None
+
+def objects_table(per_class: Mapping[int, Mapping]) -> str:
+    "The object scores per class (`Evaluator.compute(per_class=True)['objects_per_class']`) as a text table."
+    names = _ycb_names()
+    rows = [f"{'class':<24} {'n':>5} {'ADD mm':>8} {'ADD-S mm':>9} {'ADD AUC':>8} {'ADD-S AUC':>9} {'ADD(-S)<0.1d':>12}"]
+    for c, s in sorted(per_class.items()):
+        rows.append(f"{names.get(int(c), str(c)):<24} {s['n']:>5} {s['add']:>8.1f} {s['add_s']:>9.1f} {s['add_auc']:>8.3f} "
+                    f"{s['add_s_auc']:>9.3f} {s['add_recall@0.1d']:>12.3f}")
+    return '\n'.join(rows)

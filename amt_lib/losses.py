@@ -13,18 +13,20 @@ from torch import Tensor
 from scipy.optimize import linear_sum_assignment
 from .geometry import axis_angle_to_matrix, matrix_to_quat
 from .models.sigma_reparam import sigma_reparam_regularizer
+from .metrics import spread_std
 
 # %% auto #0
 __all__ = ['LOSS_TERMS', 'DATA_TERMS', 'YCB_INSCRIBED_RADIUS', 'safe_norm', 'masked_mean', 'quat_mul', 'quat_geodesic',
-           'hand_joint_loss', 'mano_loss', 'reprojection_loss', 'match_objects', 'matched_pairs',
+           'hand_joint_loss', 'mano_loss', 'reprojection_loss', 'confidence_loss', 'match_objects', 'matched_pairs',
            'object_position_loss', 'object_rotation_loss', 'object_class_loss', 'focal_bce', 'contact_loss',
-           'batch_std', 'diversity_loss', 'kl_loss', 'penetration_loss', 'joint_limit_loss', 'physics_loss',
+           'contact_point_loss', 'diversity_loss', 'kl_loss', 'penetration_loss', 'joint_limit_loss', 'physics_loss',
            'consecutive_pairs', 'temporal_loss', 'loss_weights', 'AMTLoss']
 
 # %% ../nbs/07_losses.ipynb #0dd57e8f
 LOSS_TERMS = ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'object_position', 'object_rotation',
-              'object_class', 'contact', 'diversity', 'kl', 'physics', 'temporal')
-# the terms that measure a prediction against a label; with dynamic weighting only these get learned weights
+              'object_class', 'contact', 'contact_point', 'confidence', 'diversity', 'kl', 'physics', 'temporal')
+# the main terms that measure a prediction against a label; with dynamic weighting only these get learned weights
+# (not the auxiliary `contact_point` and `confidence`: their scales follow from the main terms)
 DATA_TERMS = ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'object_position', 'object_rotation',
               'object_class', 'contact')
 
@@ -113,6 +115,19 @@ def reprojection_loss(pred_2d: Tensor, # (B,21,2) pixels
     err = ((pred_2d[valid] - gt_2d[valid].to(pred_2d.dtype)) * scale).abs().sum(-1)   # (N,21)
     return masked_mean((err * jw).sum(-1) / jw.sum())
 
+# %% ../nbs/07_losses.ipynb #d1927160
+def confidence_loss(conf: Tensor, # (B,21) predicted confidence 0..1
+                    pred: Tensor, # (B,21,3) predicted joints, camera frame, metres
+                    gt: Tensor,   # (B,21,3) true joints, camera frame, metres
+                    valid: Tensor, # (B,) bool, hand_valid
+                    tau: float = 0.02, # metres: the error at which the target confidence is 1/e
+                   ) -> Tensor:
+    "Mean binary cross-entropy of the confidence against exp(-joint error / tau) (error detached), valid hands only."
+    err = safe_norm(pred[valid].detach() - gt[valid].to(pred.dtype))     # (N,21) metres
+    target = torch.exp(-err / tau)
+    c = conf[valid].clamp(1e-6, 1 - 1e-6)                                # (N,21); written out: BCE is unsafe under autocast
+    return masked_mean(-(target * c.log() + (1 - target) * (1 - c).log()).mean(-1))
+
 # %% ../nbs/07_losses.ipynb #0a10a4a6
 @torch.no_grad()
 def match_objects(logits: Tensor, # (B,Q,C) class logits, class 0 = no object
@@ -193,22 +208,33 @@ def contact_loss(logits: Tensor, # (B,Q) contact logits
     b, q, t = matched_pairs(match)
     return masked_mean(focal_bce(logits[b, q], gt_contact[b, t].to(logits.dtype), gamma))
 
-# %% ../nbs/07_losses.ipynb #f457fc51
-def batch_std(x: Tensor, # (N,...) values over the batch
-              eps: float = 1e-12) -> Tensor:
-    "Standard deviation over dim 0 with a finite gradient when all values are equal (sqrt(var + eps))."
-    return (x.var(0, unbiased=False) + eps).sqrt()
+# %% ../nbs/07_losses.ipynb #202802da
+def contact_point_loss(points: Tensor, # (B,Q,3) predicted contact points, camera frame, metres
+                       gt_joints: Tensor, # (B,21,3) true joints, camera frame, metres
+                       valid: Tensor, # (B,) bool, hand_valid
+                       gt_pos: Tensor, # (B,M,3) true object centres, metres
+                       gt_contact: Tensor, # (B,M) 1/0 per true object
+                       match: Tensor, # (B,Q) from `match_objects`
+                      ) -> Tensor:
+    "Mean distance (metres) of matched, touched objects' contact points to the true joint nearest the object centre."
+    b, q, t = matched_pairs(match)
+    keep = (gt_contact[b, t] > 0.5) & valid[b]
+    b, q, t = b[keep], q[keep], t[keep]
+    j = gt_joints[b].to(points.dtype)                                                   # (P,21,3)
+    near = (j - gt_pos[b, t].to(points.dtype)[:, None]).norm(dim=-1).argmin(-1)          # (P,) joint index
+    return masked_mean(safe_norm(points[b, q] - j[torch.arange(len(b), device=j.device), near]))
 
+# %% ../nbs/07_losses.ipynb #f457fc51
 def diversity_loss(pred: Tensor, # (B,21,3) predicted joints, metres
                    gt: Tensor, # (B,21,3) true joints, metres
                    valid: Tensor, # (B,) bool, hand_valid
                    target: float = 1.0, # fraction of the true spread the predictions must reach
                   ) -> Tensor:
-    "Mean shortfall (metres) of the batch std of root-relative predicted joints below `target` x the true std."
+    "Mean shortfall (metres) of the spread (`metrics.spread_std`) of root-relative predicted joints below `target` x the labels'."
     p, g = pred[valid], gt[valid].to(pred.dtype)
     if len(p) < 2: return pred.sum() * 0.
-    sp = batch_std(p - p[:, :1])                 # (21,3)
-    sg = batch_std(g - g[:, :1])                 # (21,3)
+    sp = spread_std(p - p[:, :1])                # (21,3) per-element std across the batch
+    sg = spread_std(g - g[:, :1])                # (21,3)
     return F.relu(target * sg - sp).mean()
 
 # %% ../nbs/07_losses.ipynb #23121d89
@@ -319,27 +345,44 @@ def _plain(x):
     except ImportError: pass
     return dict(x or {})
 
+def _points(key: str, sched) -> list[tuple[int, float]]:
+    "A schedule `{epoch: weight}` as sorted (epoch, weight) pairs; a clear error otherwise."
+    if not isinstance(sched, Mapping) or not sched: raise ValueError(f'{key} must map epoch -> weight, got {sched!r}')
+    try: return sorted((int(e), float(x)) for e, x in sched.items())
+    except (TypeError, ValueError) as e: raise ValueError(f'{key}: {sched!r} is not epoch -> weight') from e
+
 def loss_weights(cfg, # full config (with `loss`) or its `loss` section
                  epoch: int = 0, # current epoch, 0-based
                 ) -> dict[str, float]:
-    "Weight of every loss term at `epoch`: `loss.weights` with `loss.schedules` applied."
+    "Weight of every loss term at `epoch`: `loss.weights`, then `loss.schedules` (steps), `loss.ramps` (linear), the refine switch."
     lc = cfg.loss if 'loss' in cfg else cfg
     w = {k: float(v) for k, v in _plain(lc.weights).items()}
     missing = [t for t in LOSS_TERMS if t not in w]
     if missing: raise ValueError(f'loss.weights lacks {missing}')
-    for term, sched in _plain(lc.get('schedules', {})).items():
-        if term not in w: raise ValueError(f'loss.schedules.{term}: unknown loss term; terms are {list(LOSS_TERMS)}')
-        if not isinstance(sched, Mapping): raise ValueError(f'loss.schedules.{term} must map epoch -> weight, got {sched!r}')
-        try: steps = sorted((int(e), float(x)) for e, x in sched.items())
-        except (TypeError, ValueError) as e:
-            raise ValueError(f'loss.schedules.{term}: {sched!r} is not epoch -> weight') from e
-        for e, x in steps:
+    scheds, ramps = _plain(lc.schedules), _plain(lc.ramps)
+    for kind, table in (('schedules', scheds), ('ramps', ramps)):
+        bad = [t for t in table if t not in w]
+        if bad: raise ValueError(f'loss.{kind}.{bad[0]}: unknown loss term; terms are {list(LOSS_TERMS)}')
+    if both := sorted(set(scheds) & set(ramps)):
+        raise ValueError(f'loss term(s) {both} have both a step schedule (loss.schedules) and a ramp (loss.ramps): keep one')
+    for term, sched in scheds.items():                       # step: the weight of the last point at or before `epoch`
+        for e, x in _points(f'loss.schedules.{term}', sched):
             if epoch >= e: w[term] = x
+    for term, ramp in ramps.items():                          # linear between points, constant before the first / after the last
+        pts = _points(f'loss.ramps.{term}', ramp)
+        if epoch <= pts[0][0]: w[term] = pts[0][1]
+        elif epoch >= pts[-1][0]: w[term] = pts[-1][1]
+        else:
+            (e0, x0), (e1, x1) = next((a, b) for a, b in zip(pts, pts[1:]) if a[0] <= epoch < b[0])
+            w[term] = x0 + (x1 - x0) * (epoch - e0) / (e1 - e0)
+    if 'model' in cfg and epoch < int(cfg.model.refine_from_epoch):
+        w['hand_refined'] = 0.0                               # no refinement yet: the "refined" joints are the coarse ones
     return w
 
 # %% ../nbs/07_losses.ipynb #e12b9103
 _OUT_KEYS = ('pred_hand_joints', 'pred_hand_joints_coarse', 'pred_hand_joints_2d', 'pred_mano_pose',
-             'pred_mano_betas', 'pred_obj_pos', 'pred_obj_rot', 'pred_obj_logits', 'pred_contact_logits')
+             'pred_mano_betas', 'pred_obj_pos', 'pred_obj_rot', 'pred_obj_logits', 'pred_contact_logits',
+             'pred_contact_points', 'pred_hand_conf')
 _BATCH_KEYS = ('hand_joints_3d', 'hand_joints_2d', 'hand_valid', 'mano_pose', 'mano_betas', 'obj_pose',
                'obj_valid', 'obj_class', 'contact')
 
@@ -403,6 +446,8 @@ class AMTLoss(nn.Module):
         t['object_rotation'] = object_rotation_loss(o['pred_obj_rot'], grot, match)
         t['object_class'] = object_class_loss(o['pred_obj_logits'], gcls, match, float(lc.get('no_object_weight', 0.1)))
         t['contact'] = contact_loss(o['pred_contact_logits'], bt['contact'].float(), match, float(lc.focal_gamma))
+        t['contact_point'] = contact_point_loss(o['pred_contact_points'], gj, hv, gpos, bt['contact'].float(), match)
+        t['confidence'] = confidence_loss(o['pred_hand_conf'], o['pred_hand_joints'], gj, hv, float(lc.confidence_tau))
         t['diversity'] = diversity_loss(o['pred_hand_joints'], gj, hv, float(lc.get('diversity_target', 1.0)))
         t['kl'] = kl_loss(model, o['pred_hand_joints'])
         pts = o['pred_hand_joints']

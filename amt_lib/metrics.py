@@ -5,6 +5,8 @@
 # %% ../nbs/03_metrics.ipynb #cfa9f364
 from __future__ import annotations
 import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,9 +16,12 @@ from scipy.optimize import linear_sum_assignment
 from .geometry import procrustes_dexycb, procrustes_similarity, quat_to_matrix, geodesic_angle
 
 # %% auto #0
-__all__ = ['ALIGNMENTS', 'align_joints', 'joint_errors', 'mpjpe', 'pa_mpjpe', 'pck_curve', 'pck', 'pck_2d', 'auc', 'add', 'add_s',
-           'contact_counts', 'contact_scores', 'contact_accuracy', 'contact_f1', 'dexycb_hand_eval',
-           'write_hand_results', 'read_hand_results', 'Evaluator']
+__all__ = ['ALIGNMENTS', 'YCB_SYMMETRIC', 'OBJ_AUC_MAX_MM', 'BOP_RECALL_SHARE', 'COLLAPSE_RATIO', 'NARROW_RATIO',
+           'HAND_POSE_MIN_STD', 'AMT_SPREADS', 'align_joints', 'joint_errors', 'mpjpe', 'pa_mpjpe', 'pck_curve', 'pck',
+           'pck_2d', 'auc', 'add', 'add_s', 'object_diameter', 'threshold_auc', 'object_pose_scores', 'contact_counts',
+           'contact_scores', 'contact_accuracy', 'contact_f1', 'confidence_calibration', 'spread_std', 'spread_ratio',
+           'diversity_verdict', 'RunningStats', 'Spread', 'DiversityReport', 'SpreadMeter', 'dexycb_hand_eval',
+           'write_hand_results', 'read_hand_results', 'finite_rows', 'Evaluator']
 
 # %% ../nbs/03_metrics.ipynb #adfa4438
 ALIGNMENTS = ('none', 'root', 'similarity', 'dexycb')
@@ -180,6 +185,46 @@ def add_s(pred_pose: Tensor, # (...,3,4) predicted [R|t], metres
     d = torch.cdist(pg, pp).amin(-1).mean(-1) * 1000.
     return _reduce_objects(d, mask, reduce)
 
+# %% ../nbs/03_metrics.ipynb #bb6dcd61
+# YCB ids (DexYCB order, 1..21) scored with ADD-S in ADD(-S): the symmetric objects of PoseCNN's YCB-Video
+# evaluation, kept by DenseFusion (`symmetry_obj_idx = [12, 15, 18, 19, 20]`, 0-based) and ZebraPose's BOP YCB-V
+# setup: 024_bowl, 036_wood_block, 051_large_clamp, 052_extra_large_clamp, 061_foam_brick
+YCB_SYMMETRIC = (13, 16, 19, 20, 21)
+OBJ_AUC_MAX_MM = 100.    # ADD / ADD-S AUC: accuracy-threshold curve from 0 to 10 cm (YCB-Video convention)
+BOP_RECALL_SHARE = 0.1   # BOP-style recall: ADD(-S) under this share of the object's diameter counts as correct
+
+def object_diameter(points: Tensor, # (P,3) model points, object frame, metres
+                    chunk: int = 1024,
+                   ) -> float:         # metres
+    "Largest distance between two model points: the object's diameter (BOP's `d`), metres."
+    p = _float(points).reshape(-1, 3)
+    if not len(p): return float('nan')
+    return max(float(torch.cdist(p[i:i + chunk], p).max()) for i in range(0, len(p), chunk))
+
+def threshold_auc(errors_mm: Tensor, # (N,) errors, mm
+                  max_mm: float = OBJ_AUC_MAX_MM, steps: int = 1000,
+                 ) -> float:           # 0..1, nan without errors
+    "Area under the accuracy-threshold curve from 0 to `max_mm` (share of errors `<=` each threshold), normalised."
+    e = torch.as_tensor(errors_mm, dtype=torch.float64).reshape(-1, 1)
+    return float(_auc(e, None, 0., max_mm, steps)[0]) if len(e) else float('nan')
+
+def object_pose_scores(add_mm: Tensor,   # (N,) ADD per object, mm
+                       add_s_mm: Tensor, # (N,) ADD-S per object, mm
+                       classes: Tensor,  # (N,) YCB id per object
+                       diameters: dict,  # YCB id -> diameter, metres (`object_diameter`)
+                       symmetric: tuple = YCB_SYMMETRIC, # ids scored with ADD-S in ADD(-S)
+                      ) -> dict:
+    "Mean ADD and ADD-S (mm), their AUC (0-10 cm) and the BOP-style recall of ADD(-S) < 10% of the diameter."
+    a, s = torch.as_tensor(add_mm, dtype=torch.float64).reshape(-1), torch.as_tensor(add_s_mm, dtype=torch.float64).reshape(-1)
+    c = torch.as_tensor(classes).long().reshape(-1)
+    nan = float('nan')
+    if not len(a): return {'add': nan, 'add_s': nan, 'add_auc': nan, 'add_s_auc': nan, 'add_recall@0.1d': nan, 'n': 0}
+    sym = torch.tensor([int(k) in symmetric for k in c.tolist()])
+    adds = torch.where(sym, s, a)                                                            # ADD(-S)
+    d = torch.tensor([diameters[int(k)] * 1000. for k in c.tolist()], dtype=torch.float64)  # mm
+    return {'add': float(a.mean()), 'add_s': float(s.mean()), 'add_auc': threshold_auc(a), 'add_s_auc': threshold_auc(s),
+            'add_recall@0.1d': float((adds < BOP_RECALL_SHARE * d).double().mean()), 'n': len(a)}
+
 # %% ../nbs/03_metrics.ipynb #a99df2a2
 def contact_counts(prob: Tensor,   # (...) predicted contact probability 0..1
                    target: Tensor, # (...) true contact 1/0
@@ -208,6 +253,197 @@ def contact_accuracy(prob: Tensor, target: Tensor, mask: Tensor | None = None, t
 def contact_f1(prob: Tensor, target: Tensor, mask: Tensor | None = None, threshold: float = 0.5) -> float:
     "F1 score of contact (positive class) over valid object slots."
     return contact_scores(contact_counts(prob, target, mask, threshold))['f1']
+
+# %% ../nbs/03_metrics.ipynb #02dfb5b2
+def confidence_calibration(conf: Tensor,   # (N,) or (B,J) predicted confidence, higher = trusted more
+                           err_mm: Tensor, # same shape: the true errors, mm
+                           fractions: tuple = (0.1, 0.25, 0.5), # shares of the most confident entries reported
+                           steps: int = 20, # kept shares of the sparsification curve: 1, 1 - 1/steps, ..., 1/steps
+                          ) -> dict:
+    "How well confidence ranks errors: Spearman rho of (confidence, -error), sparsification MPJPEs vs the oracle, and AUSE (mm)."
+    from scipy.stats import spearmanr
+    c = torch.as_tensor(conf, dtype=torch.float64).reshape(-1); e = torch.as_tensor(err_mm, dtype=torch.float64).reshape(-1)
+    if c.shape != e.shape: raise ValueError(f'confidence {tuple(c.shape)} and errors {tuple(e.shape)} differ in size')
+    nan = float('nan')
+    r = dict(conf_spearman=nan, conf_ause=nan)
+    r.update({f'{w}_top{round(100 * f)}_mpjpe': nan for f in fractions for w in ('conf', 'oracle')})
+    if len(e) < 2: return r
+    if c.std() > 0 and e.std() > 0: r['conf_spearman'] = float(spearmanr(c.numpy(), -e.numpy()).statistic)
+    by_conf, by_err = e[c.argsort(descending=True)], e.sort().values                 # most trusted first; oracle: smallest first
+    def top(x, share): return float(x[:max(1, math.ceil(share * len(x)))].mean())
+    shares = [1 - k / steps for k in range(steps)]
+    r['conf_ause'] = sum(top(by_conf, s) - top(by_err, s) for s in shares) / steps
+    for f in fractions:
+        r[f'conf_top{round(100 * f)}_mpjpe'], r[f'oracle_top{round(100 * f)}_mpjpe'] = top(by_conf, f), top(by_err, f)
+    return r
+
+# %% ../nbs/03_metrics.ipynb #f087cc7e
+COLLAPSE_RATIO = 0.1       # prediction spread under 10% of the ground truth's -> collapsed (the alarm's threshold)
+NARROW_RATIO = 0.5         # under 50% -> narrow
+HAND_POSE_MIN_STD = 1e-3   # metres: the reference design's warning sign (hand-pose std under 0.001)
+
+def spread_std(x: Tensor, # (N,...) values over N samples
+               mask: Tensor | None = None, # (N,) samples that count; None: all
+               eps: float = 1e-12) -> Tensor: # (...) per-element population std, differentiable (sqrt(var + eps))
+    "The spread of each element across samples: its population standard deviation over dim 0."
+    if mask is not None: x = x[torch.as_tensor(mask, device=x.device).bool().reshape(-1)]
+    return (x.var(0, unbiased=False) + eps).sqrt()
+
+def spread_ratio(pred: Tensor, # (N,...) predictions (root-relative joints for the hand pose)
+                 gt: Tensor,   # (N,...) ground truth, same shape
+                 mask: Tensor | None = None, # (N,) samples that count
+                ) -> float:
+    "THE spread ratio: mean per-element std of the predictions across samples over the ground truth's (1 healthy, 0 collapsed)."
+    p, g = spread_std(_float(pred).double(), mask, 0.), spread_std(_float(gt).double(), mask, 0.)
+    return float(p.mean() / g.mean().clamp_min(1e-12))
+
+def diversity_verdict(pred_std: float, # mean per-element std of the predictions
+                      gt_std: float | None, # the ground truth's (None: no ground truth)
+                      min_std: float | None = None, # absolute floor of the prediction spread
+                     ) -> tuple[float, str]:
+    "(ratio, verdict): collapsed under `COLLAPSE_RATIO` (or the floor), narrow under `NARROW_RATIO`, else healthy."
+    ratio = pred_std / gt_std if gt_std else float('nan')
+    floor = min_std if min_std is not None else (1e-6 if gt_std is None else None)
+    if floor is not None and pred_std < floor: return ratio, 'collapsed'
+    if gt_std is None or not gt_std: return ratio, 'n/a'
+    if ratio < COLLAPSE_RATIO: return ratio, 'collapsed'
+    if ratio < NARROW_RATIO: return ratio, 'narrow'
+    return ratio, 'healthy'
+
+# %% ../nbs/03_metrics.ipynb #c862e39c
+class RunningStats:
+    "Count, mean, std, share near zero and max |x| of a stream of tensors, in constant memory."
+    def __init__(self, shape: tuple = (), # () one set of statistics; (E,) one per element of the last dim
+                 near_zero: float = 1e-3, # |x| below this counts as near zero
+                ):
+        self.near_zero = near_zero
+        z = lambda: torch.zeros(shape, dtype=torch.float64)
+        self.n, self.s, self.ss, self.nz, self.amax = z(), z(), z(), z(), z()
+
+    def update(self, x: Tensor, # (..., E) or any shape for scalar statistics
+               mask: Tensor | None = None, # bool, same shape as x: only these values count
+              ):
+        "Add the values of `x` (where `mask`)."
+        x = x.detach().to(torch.float64)
+        if mask is None: mask = torch.ones_like(x, dtype=torch.bool)
+        mask = mask.expand_as(x).to(x.device)
+        dims = tuple(range(x.ndim)) if self.n.ndim == 0 else tuple(range(x.ndim - 1))
+        xm = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        self.n += mask.sum(dims).cpu()
+        self.s += xm.sum(dims).cpu()
+        self.ss += (xm * xm).sum(dims).cpu()
+        self.nz += ((x.abs() < self.near_zero) & mask).sum(dims).cpu()
+        self.amax = torch.maximum(self.amax, xm.abs().amax(dims).cpu() if xm.numel() else self.amax)
+        return self
+
+    @property
+    def mean(self) -> Tensor: return self.s / self.n.clamp(min=1)
+    @property
+    def std(self) -> Tensor:
+        "Population standard deviation."
+        return (self.ss / self.n.clamp(min=1) - self.mean ** 2).clamp(min=0).sqrt()
+    @property
+    def near_zero_share(self) -> Tensor: return self.nz / self.n.clamp(min=1)
+
+@dataclass
+class Spread:
+    "How to read one output's prediction, ground truth and valid mask (keys or callables)."
+    pred: str | Callable                  # key of the output dict, or fn(out) -> (B, ...)
+    gt: str | Callable | None = None      # key of the batch, or fn(batch) -> (B, ...) same shape as pred
+    mask: str | Callable | None = None    # key / fn(batch) -> bool (B,) or (B, slots); None: all count
+    min_std: float | None = None          # absolute floor of the prediction spread (units of the output)
+
+def _get(src: Mapping, how: str | Callable | None):
+    if how is None: return None
+    if callable(how): return how(src)
+    return src.get(how)
+
+def _rel(j: Tensor) -> Tensor: return j - j[..., :1, :]    # root-relative joints (wrist = joint 0)
+
+AMT_SPREADS: dict[str, Spread] = {
+    'hand_pose': Spread(lambda o: _rel(o['pred_hand_joints']) if 'pred_hand_joints' in o else None,
+                        lambda b: _rel(b['hand_joints_3d']), 'hand_valid', HAND_POSE_MIN_STD),
+    'hand_root': Spread(lambda o: o['pred_hand_joints'][..., 0, :] if 'pred_hand_joints' in o else None,
+                        lambda b: b['hand_joints_3d'][..., 0, :], 'hand_valid'),
+    'mano_pose': Spread('pred_mano_pose', 'mano_pose', 'hand_valid'),
+    'obj_pos': Spread('pred_obj_pos', lambda b: b['obj_pose'][..., :3, 3], 'obj_valid'),
+    'contact': Spread('pred_contact_prob', 'contact', 'obj_valid'),
+}
+
+@dataclass
+class DiversityReport:
+    "Spread of each output across samples, the ground truth's, their ratio and a verdict."
+    rows: dict[str, dict]     # name -> pred_std, gt_std, ratio, verdict, n
+    verdict: str              # worst verdict: collapsed | narrow | healthy
+    samples: int
+
+    @property
+    def collapsed(self) -> bool: return self.verdict == 'collapsed'
+
+    def table(self) -> str:
+        "The spreads as a text table."
+        out = [f"{'output':<10} {'pred std':>10} {'gt std':>10} {'ratio':>7}  verdict"]
+        for k, r in self.rows.items():
+            out.append(f"{k:<10} {r['pred_std']:>10.4g} {r['gt_std']:>10.4g} {r['ratio']:>7.3f}  {r['verdict']}")
+        return '\n'.join(out + [f'overall: {self.verdict} ({self.samples} samples)'])
+
+    def __repr__(self): return self.table()
+
+_RANK = {'healthy': 0, 'n/a': 0, 'narrow': 1, 'collapsed': 2}
+
+class SpreadMeter:
+    "Accumulates the per-element spread across samples of predictions and ground truths (constant memory)."
+    def __init__(self, spreads: Mapping[str, Spread] | None = None):
+        self.spreads = dict(AMT_SPREADS if spreads is None else spreads)
+        self.pred: dict[str, RunningStats] = {}
+        self.gt: dict[str, RunningStats] = {}
+        self.samples = 0
+
+    def update(self, out: Mapping, # the model's output dict
+               batch: Mapping | None = None, # the batch with the ground truth
+              ):
+        "Add a batch of model outputs (and the batch with its ground truth)."
+        if not isinstance(out, Mapping): raise TypeError(f'SpreadMeter.update takes an output dict, got {type(out).__name__}')
+        o = {k: v for k, v in out.items() if isinstance(v, Tensor)}
+        batch = batch if isinstance(batch, Mapping) else {}
+        n = 0
+        for name, sp in self.spreads.items():
+            p = _get(o, sp.pred)
+            if p is None: continue
+            p = p.detach().float().cpu(); B = p.shape[0]; n = max(n, B)
+            m = _get(batch, sp.mask)
+            m = torch.ones(B, dtype=torch.bool) if m is None else m.detach().cpu().bool()
+            m = m.reshape(m.shape + (1,) * (p.ndim - m.ndim)).expand_as(p).reshape(B, -1)
+            p = p.reshape(B, -1)
+            self.pred.setdefault(name, RunningStats((p.shape[1],))).update(p, m)
+            g = _get(batch, sp.gt)
+            if g is not None:
+                g = g.detach().float().cpu().reshape(B, -1)
+                if g.shape != p.shape:
+                    raise ValueError(f'spread {name!r}: prediction {tuple(p.shape)} and ground truth {tuple(g.shape)} differ')
+                self.gt.setdefault(name, RunningStats((g.shape[1],))).update(g, m)
+        self.samples += n
+        return self
+
+    @staticmethod
+    def _spread(rs: RunningStats) -> float:
+        ok = rs.n >= 2
+        return rs.std[ok].mean().item() if ok.any() else float('nan')
+
+    def report(self) -> DiversityReport:
+        "The spreads so far, with verdicts."
+        rows = {}
+        for name, ps in self.pred.items():
+            p = self._spread(ps)
+            g = self._spread(self.gt[name]) if name in self.gt else None
+            if math.isnan(p): continue
+            ratio, v = diversity_verdict(p, None if g is None or math.isnan(g) else g, self.spreads[name].min_std)
+            rows[name] = dict(pred_std=p, gt_std=float('nan') if g is None else g, ratio=ratio, verdict=v,
+                              n=int(ps.n.max().item()))
+        scored = [r['verdict'] for k, r in rows.items() if not math.isnan(r['gt_std'])] or \
+                 [r['verdict'] for r in rows.values()]
+        verdict = max(scored, key=_RANK.get) if scored else 'n/a'
+        return DiversityReport(rows, 'healthy' if verdict == 'n/a' and rows else verdict, self.samples)
 
 # %% ../nbs/03_metrics.ipynb #c4892cc2
 def dexycb_hand_eval(pred_mm: Tensor, # (N,21,3) predicted joints, camera frame, mm
@@ -281,6 +517,23 @@ def _match_objects(pred_pos: Tensor, gt_pos: Tensor, valid: Tensor, matching: st
         pairs.append((pi, gi))
     return pairs
 
+def finite_rows(out: Mapping, # the model's output dict (tensors (B,...))
+                B: int, # batch size
+               ) -> Tensor: # (B,) bool: every number of that sample's output is finite
+    "Which samples of a batch have an entirely finite model output (every floating tensor with a batch axis)."
+    ok = torch.ones(B, dtype=torch.bool)
+    for v in out.values():
+        if isinstance(v, Tensor) and v.is_floating_point() and v.ndim and v.shape[0] == B:
+            ok &= torch.isfinite(v.detach()).reshape(B, -1).all(1).cpu()
+    return ok
+
+def _rows(x, keep: Tensor, B: int):
+    "`x` (a tensor, or a dict / list of them: a collated batch) with only the samples in `keep`."
+    if isinstance(x, Tensor): return x[keep.to(x.device)] if x.ndim and x.shape[0] == B else x
+    if isinstance(x, Mapping): return {k: _rows(v, keep, B) for k, v in x.items()}
+    if isinstance(x, list) and len(x) == B: return [v for v, k in zip(x, keep.tolist()) if k]
+    return x
+
 class Evaluator:
     "Accumulates hand, object and contact metrics over batches; `compute()` returns one dict in mm."
     def __init__(self,
@@ -290,11 +543,17 @@ class Evaluator:
                  obj_points: dict | None = None, # YCB id -> (P,3) model points, object frame, metres; enables ADD/ADD-S
                  contact_threshold: float = 0.5, # contact probability above this is a contact
                  keep_predictions: bool = False, # keep indices and predicted joints (mm) for `write_hand_results`
+                 max_points: int = 1024, # model points kept per object (evenly strided): ADD-S is O(points^2)
+                 symmetric: tuple = YCB_SYMMETRIC, # ids scored with ADD-S in the BOP-style ADD(-S) recall
+                 spreads: dict | None = None, # outputs whose spread is measured (`SpreadMeter`); None: AMT_SPREADS
                 ):
         if matching not in ('hungarian', 'slot'):
             raise ValueError(f"unknown matching {matching!r}; expected 'hungarian' or 'slot'")
         self.pck_threshold_mm, self.pck2d_threshold_px, self.matching = pck_threshold_mm, pck2d_threshold_px, matching
-        self.obj_points = {int(k): torch.as_tensor(v, dtype=torch.float64) for k, v in (obj_points or {}).items()}
+        pts = {int(k): torch.as_tensor(v, dtype=torch.float64).reshape(-1, 3) for k, v in (obj_points or {}).items()}
+        self.obj_points = {k: v[::math.ceil(len(v) / max_points)] if len(v) > max_points else v for k, v in pts.items()}
+        self.diameters = {k: object_diameter(v) for k, v in self.obj_points.items()}   # on the kept points: cheap per validation
+        self.symmetric, self.spreads = tuple(symmetric), spreads
         self.contact_threshold, self.keep_predictions = contact_threshold, keep_predictions
         self.reset()
 
@@ -302,15 +561,28 @@ class Evaluator:
         "Forget everything accumulated."
         self.hand = {k: [] for k in ('none', 'root', 'similarity', 'dexycb')}    # lists of (n,21) mm errors
         self.hand2d, self.pos, self.rot, self.cls, self.empty, self.add, self.add_s = [], [], [], [], [], [], []
+        self.add_cls, self.conf = [], []                                             # class of each ADD entry; (n,21) confidences
+        self.meter = SpreadMeter(self.spreads)
         self.contact = dict(tp=0, fp=0, fn=0, tn=0)
         self.indices, self.pred_mm = [], []
         self.objects_seen = False                                                    # object keys once any batch had them
+        self.nonfinite = 0                                                           # samples left out: a NaN/inf in their output
 
     @torch.no_grad()
     def update(self, out: dict, batch: dict):
-        "Add one batch: `out` the model's output dict, `batch` the collated sample dict."
+        "Add one batch: `out` the model's output dict, `batch` the collated sample dict; samples with a non-finite output are counted, not scored."
+        if 'pred_obj_pos' in out: self.objects_seen = True
+        B = next((out[k].shape[0] for k in ('pred_hand_joints', 'pred_obj_pos') if isinstance(out.get(k), Tensor)), None)
+        if B is not None:
+            ok = finite_rows(out, B)
+            if not ok.all():
+                self.nonfinite += int((~ok).sum())
+                if not ok.any(): return
+                out = {k: v for k, v in _rows(out, ok, B).items() if isinstance(v, Tensor)}
+                batch = _rows(batch, ok, B)
         if 'pred_hand_joints' in out: self._update_hand(out, batch)
         if 'pred_obj_pos' in out: self._update_objects(out, batch)
+        self.meter.update(out, batch)
 
     def _update_hand(self, out, batch):
         pred = out['pred_hand_joints'].detach().cpu().double()
@@ -321,6 +593,7 @@ class Evaluator:
             if idx is None: raise KeyError("keep_predictions needs batch['meta']['index']")
             self.indices.append(torch.as_tensor(idx).reshape(-1)); self.pred_mm.append(pred * 1000.)
         for k in self.hand: self.hand[k].append(joint_errors(pred[valid], gt[valid], k))
+        if 'pred_hand_conf' in out: self.conf.append(out['pred_hand_conf'].detach().cpu().double()[valid])
         if 'pred_hand_joints_2d' in out and 'hand_joints_2d' in batch:
             e = (out['pred_hand_joints_2d'].detach().cpu().double() - batch['hand_joints_2d'].cpu().double()).norm(dim=-1)
             self.hand2d.append(e[valid])
@@ -350,6 +623,7 @@ class Evaluator:
                         if c not in self.obj_points: raise KeyError(f'no model points for object class {c} (obj_points)')
                         self.add.append(add(pp[k], pose[b, gi[k]], self.obj_points[c]).reshape(1))
                         self.add_s.append(add_s(pp[k], pose[b, gi[k]], self.obj_points[c]).reshape(1))
+                        self.add_cls.append(c)
                 if prob is not None:
                     cnt = contact_counts(prob[b, pi].detach().cpu().float(), batch['contact'][b, gi].cpu(),
                                          threshold=self.contact_threshold)
@@ -359,6 +633,7 @@ class Evaluator:
                 self.empty.append(logits[b, rest].detach().cpu().argmax(-1) == 0)
 
     def compute(self, per_joint: bool = False, # add the per-joint MPJPE lists
+                per_class: bool = False, # add 'objects_per_class': YCB id -> the object scores of that class
                ) -> dict:
         "All metrics accumulated so far: floats in mm (fractions for PCK/AUC/accuracies); nan where nothing counted."
         nan = float('nan')
@@ -377,6 +652,11 @@ class Evaluator:
                 r[f'{pre}pck@{t:g}mm'] = float(c.mean())
                 if per_joint: r[f'{pre}mpjpe_per_joint'] = pj.tolist()
         r['n_hands'] = len(err['none'])
+        r['nonfinite_pred'] = self.nonfinite
+        if self.conf and len(err['none']):   # calibration of the per-joint confidence against the camera-frame joint error
+            r.update(confidence_calibration(torch.cat(self.conf), err['none']))
+        div = self.meter.report()
+        for name, row in div.rows.items(): r['spread_ratio' if name == 'hand_pose' else f'spread_{name}'] = row['ratio']
         if self.hand2d:
             e2 = torch.cat(self.hand2d)
             r[f'pck2d@{self.pck2d_threshold_px:g}px'] = float(pck_curve(e2, torch.tensor([float(self.pck2d_threshold_px)],
@@ -385,11 +665,22 @@ class Evaluator:
             r.update(obj_pos_err=mean(self.pos), obj_rot_err_deg=mean(self.rot),
                      obj_cls_acc=mean([c.double() for c in self.cls]), obj_empty_acc=mean([c.double() for c in self.empty]),
                      n_objects=sum(len(p) for p in self.pos))
-            if self.obj_points: r.update(add=mean(self.add), add_s=mean(self.add_s))
+            if self.obj_points:
+                a, s, c = (torch.cat(self.add), torch.cat(self.add_s), torch.tensor(self.add_cls)) if self.add else \
+                          (torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+                sc = object_pose_scores(a, s, c, self.diameters, self.symmetric)
+                r.update({k: v for k, v in sc.items() if k != 'n'})
+                if per_class:
+                    r['objects_per_class'] = {int(k): object_pose_scores(a[c == k], s[c == k], c[c == k], self.diameters,
+                                                                         self.symmetric) for k in c.unique().tolist()}
             s = contact_scores(self.contact)
             r.update(contact_acc=s['accuracy'], contact_precision=s['precision'], contact_recall=s['recall'],
                      contact_f1=s['f1'])
         return r
+
+    def diversity(self) -> DiversityReport:
+        "The spread of each output across the samples so far, with verdicts (the same as `debugging`'s report)."
+        return self.meter.report()
 
     def write_hand_results(self, path: str | Path) -> Path:
         "Write the kept predictions (`keep_predictions=True`) in the official results format."

@@ -12,25 +12,57 @@ from omegaconf import DictConfig, OmegaConf
 from .config import load_config, save_run_config, config_to_yaml, ConfigError
 
 # %% auto #0
-__all__ = ['COMPONENTS', 'STAGE1_TERMS', 'STAGE_NAMES', 'EXPERIMENTS', 'SUMMARY_COLUMNS', 'stage_overrides', 'stage_config',
-           'component_prefixes', 'load_component_weights', 'root_relative', 'mean_root_relative_hand', 'spread_ratio',
-           'hand_summary', 'NotebookFailed', 'experiments_dir', 'run_notebook', 'summary_table', 'learned_verdict',
-           'run_pipeline', 'weights_file', 'merge_component_weights', 'evaluate_weights', 'run_stage', 'cli_train',
-           'cli_run', 'cli_pipeline']
+__all__ = ['COMPONENTS', 'STAGE1_TERMS', 'STAGE_NAMES', 'EXPERIMENTS', 'SUMMARY_COLUMNS', 'DEXYCB_TRAIN_FRAMES', 'stage1_epochs',
+           'stage_overrides', 'stage_config', 'component_prefixes', 'load_component_weights', 'root_relative',
+           'mean_root_relative_hand', 'hand_summary', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals',
+           'experiments_dir', 'run_notebook', 'summary_table', 'learned_verdict', 'run_pipeline',
+           'pipeline_disk_budget', 'weights_file', 'merge_component_weights', 'evaluate_weights', 'run_stage',
+           'steps_per_epoch', 'recipe', 'recipe_table', 'cli_recipe', 'cli_train', 'notebook_parameters', 'cli_run',
+           'cli_pipeline']
 
 # %% ../nbs/09_stages.ipynb #614cd402
 COMPONENTS = ('backbone', 'hand_encoder', 'object_encoder', 'contact_encoder', 'refiner')
 # loss terms each stage-1 component is trained on (the others are switched off during its phase)
 STAGE1_TERMS = {
-    'hand_encoder': ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'diversity', 'kl'),
+    'hand_encoder': ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'confidence', 'diversity', 'kl'),
     'object_encoder': ('object_position', 'object_rotation', 'object_class', 'kl'),
-    'contact_encoder': ('contact', 'kl'),
+    'contact_encoder': ('contact', 'contact_point', 'kl'),
 }
 STAGE_NAMES = {1: 'stage1', 2: 'stage2', 3: 'stage3'}
 
 def _fmt(v) -> str:
-    "A value as a dotted-override literal."
+    "A value as a dotted-override literal (mappings as YAML flow with plain keys: `{physics: {20: 0.0}}`)."
+    if isinstance(v, dict): return '{' + ', '.join(f'{k}: {_fmt(x)}' for k, x in v.items()) + '}'
+    if isinstance(v, bool): return str(v).lower()
     return json.dumps(v) if isinstance(v, (list, str)) else ('null' if v is None else str(v))
+
+def stage1_epochs(cfg: DictConfig, # the run's config
+                  component: str, # a key of STAGE1_TERMS
+                 ) -> int:
+    "Epochs of one stage-1 component: `stages.stage1_component_epochs[component]` if given, else `stages.stage1_epochs`; 0 skips it."
+    per = OmegaConf.to_container(cfg.stages.stage1_component_epochs)
+    bad = [k for k in per if k not in STAGE1_TERMS]
+    if bad: raise ConfigError(f'stages.stage1_component_epochs.{bad[0]}: not a stage-1 component; expected some of {list(STAGE1_TERMS)}')
+    n = per[component] if component in per else cfg.stages.stage1_epochs
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConfigError(f'stages.stage1_component_epochs.{component}={n!r}: expected an integer >= 0 (0 skips the component)')
+    return n
+
+def _stage2_schedules(cfg: DictConfig) -> tuple[dict, dict]:
+    "Stage 2's loss.schedules and loss.ramps: the recipe's diversity drop and physics ramp; the run's own terms win."
+    s, w = cfg.stages, cfg.loss.weights
+    sched, ramps = {}, {}
+    if s.stage2_diversity_until is not None:
+        sched['diversity'] = {0: float(s.stage2_diversity), int(s.stage2_diversity_until): float(s.stage2_diversity_after)}
+    r = list(s.stage2_physics_ramp)
+    if r:
+        if len(r) != 2 or not r[0] < r[1]:
+            raise ConfigError(f'stages.stage2_physics_ramp={r}: expected [start, end] epochs with start < end, or [] (physics off)')
+        ramps['physics'] = {int(r[0]): 0.0, int(r[1]): float(w.physics)}
+    own_s, own_r = OmegaConf.to_container(cfg.loss.schedules), OmegaConf.to_container(cfg.loss.ramps)
+    for t in own_s: ramps.pop(t, None)
+    for t in own_r: sched.pop(t, None)
+    return {**sched, **own_s}, {**ramps, **own_r}
 
 def stage_overrides(cfg: DictConfig, # the run's config (preset + user overrides)
                     stage: int, # 1, 2 or 3
@@ -43,17 +75,21 @@ def stage_overrides(cfg: DictConfig, # the run's config (preset + user overrides
         train = {component} | ({'backbone'} if s.stage1_train_backbone else set())
         if component == 'hand_encoder': train.add('refiner')   # the refined joints are the hand decoder's output
         frozen = [c for c in COMPONENTS if c not in train]
-        ov = [f'training.stage=1', f'training.epochs={s.stage1_epochs}', f'training.freeze={_fmt(frozen)}']
-        ov += [f'loss.weights.{k}=0.0' for k in w if k not in STAGE1_TERMS[component]] + ['loss.schedules={}']
-        return ov
+        ov = [f'training.stage=1', f'training.epochs={stage1_epochs(cfg, component)}', f'training.freeze={_fmt(frozen)}']
+        ov += [f'loss.weights.{k}=0.0' for k in w if k not in STAGE1_TERMS[component]]   # diversity only with the hand head
+        return ov + ['loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0', 'training.hard_mining=false']
     if stage == 2:
+        sched, ramps = _stage2_schedules(cfg)
         return ['training.stage=2', f'training.epochs={s.stage2_epochs}', 'training.freeze=[]',
-                f'loss.weights.diversity={s.stage2_diversity}', 'loss.weights.physics=0.0']
+                f'loss.weights.diversity={s.stage2_diversity}', 'loss.weights.physics=0.0',
+                f'loss.schedules={_fmt(sched)}', f'loss.ramps={_fmt(ramps)}',
+                f'model.refine_from_epoch={s.stage2_refine_from_epoch}', 'training.hard_mining=false']
     if stage == 3:
         return ['training.stage=3', f'training.epochs={s.stage3_epochs}', 'training.freeze=[]',
                 f'training.lr={cfg.training.lr * s.stage3_lr_mult}',
                 f'loss.weights.diversity={s.stage3_diversity}', f'loss.weights.physics={s.stage3_physics}',
-                'loss.schedules={}']
+                'loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0',
+                f'training.hard_mining={_fmt(bool(s.stage3_hard_mining))}']
     raise ValueError(f'stage must be 1, 2 or 3, got {stage!r}')
 
 def stage_config(preset: str, overrides: Sequence[str] = (), stage: int = 2, component: str | None = None) -> DictConfig:
@@ -101,46 +137,51 @@ def root_relative(joints: torch.Tensor) -> torch.Tensor:
     "Joints (…,21,3) minus their wrist (joint 0)."
     return joints - joints[..., :1, :]
 
-def mean_root_relative_hand(loader: Iterable, max_samples: int = 2048) -> torch.Tensor:
-    "The mean root-relative hand (21,3) metres over valid hands of (up to `max_samples` of) a loader's batches."
+def mean_root_relative_hand(dataset, # the training split: indexable samples (SynthHOI, DexYCB, a list of sample dicts)
+                            max_samples: int = 1024, # the size of the random sample
+                            seed: int = 0, # draws which samples (the run's `seed`)
+                            batch_size: int = 32, num_workers: int = 0,
+                           ) -> torch.Tensor: # (21,3) metres
+    "The mean root-relative hand over the valid hands of a seeded random sample of the whole split (not its first samples)."
+    from torch.utils.data import DataLoader, Subset
+    if len(dataset) == 0: raise ValueError('the training split is empty: cannot compute the mean-pose baseline')
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed)))[:max_samples].sort().values
     tot, n = torch.zeros(21, 3, dtype=torch.float64), 0
-    for batch in loader:
+    for batch in DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=num_workers):
         v = torch.as_tensor(batch['hand_valid']).bool().reshape(-1)
         j = root_relative(batch['hand_joints_3d'][v].double())
         tot += j.sum(0); n += len(j)
-        if n >= max_samples: break
-    if n == 0: raise ValueError('no valid hand in the loader: cannot compute the mean-pose baseline')
+    if n == 0: raise ValueError(f'no valid hand among {len(idx)} training samples: cannot compute the mean-pose baseline')
     return (tot / n).float()
 
-def spread_ratio(pred_rr: torch.Tensor, # (N,21,3) predicted root-relative joints
-                 gt_rr: torch.Tensor, # (N,21,3) true root-relative joints
-                ) -> float:
-    "Mean per-coordinate std of predictions across samples over the ground truth's (≈1 healthy, ≈0 collapsed)."
-    return float(pred_rr.double().std(0).mean() / gt_rr.double().std(0).mean().clamp_min(1e-12))
+_SUMMARY_KEYS = ('obj_pos_err', 'obj_rot_err_deg', 'contact_acc', 'add', 'add_s', 'add_auc', 'add_s_auc', 'add_recall@0.1d',
+                 'conf_spearman', 'conf_ause', 'conf_top25_mpjpe', 'oracle_top25_mpjpe')
 
 @torch.no_grad()
 def hand_summary(model: torch.nn.Module, # the model (EMA weights), eval mode is set here
                  val_loader: Iterable, # validation batches (sample dicts)
                  mean_hand: torch.Tensor, # (21,3) the training set's mean root-relative hand
                  device: str | torch.device = 'cpu',
+                 obj_points: dict | None = None, # YCB id -> (P,3) model points: enables ADD / ADD-S and their scores
                 ) -> dict:
-    "Validation metrics in mm with the mean-pose baseline and the spread ratio."
+    "Validation metrics in mm with the mean-pose baseline, the spreads and their verdict, objects and confidence calibration."
     from amt_lib.metrics import Evaluator, mpjpe
     was = model.training; model.eval()
-    ev, preds, gts = Evaluator(), [], []
+    ev, gts = Evaluator(obj_points=obj_points), []
     for batch in val_loader:
         out = model(batch['image'].to(device).float(), batch['K'].to(device).float())
         out = {k: v.float().cpu() for k, v in out.items() if torch.is_tensor(v)}
         ev.update(out, batch)
         v = torch.as_tensor(batch['hand_valid']).bool().reshape(-1)
-        preds.append(root_relative(out['pred_hand_joints'][v])); gts.append(root_relative(batch['hand_joints_3d'][v].float()))
+        gts.append(root_relative(batch['hand_joints_3d'][v].float()))
     model.train(was)
-    m = ev.compute(per_joint=True)
-    p, g = torch.cat(preds), torch.cat(gts)
-    base = mean_hand.expand_as(g)
+    m = ev.compute(per_joint=True, per_class=True)
+    div = ev.diversity()   # metrics' one definition of spread: the same verdicts as the alarm and the debugging report
+    g = torch.cat(gts)
     return dict(rr_mpjpe=m['rr_mpjpe'], pa_mpjpe=m['pa_mpjpe'], mpjpe=m['mpjpe'],
-                mean_pose_rr_mpjpe=float(mpjpe(base, g)), spread_ratio=spread_ratio(p, g), n_val=len(g),
-                **{k: m[k] for k in ('obj_pos_err', 'obj_rot_err_deg', 'contact_acc') if k in m}, metrics=m)
+                mean_pose_rr_mpjpe=float(mpjpe(mean_hand.expand_as(g), g)), spread_ratio=m.get('spread_ratio', math.nan),
+                n_val=len(g), diversity=dict(verdict=div.verdict, rows=div.rows),
+                **{k: m[k] for k in _SUMMARY_KEYS if k in m}, metrics=m)
 
 # %% ../nbs/09_stages.ipynb #c046dbc4
 EXPERIMENTS = {'stage1': 'stage1_pretrain.ipynb', 'stage2': 'stage2_joint.ipynb',
@@ -149,6 +190,39 @@ EXPERIMENTS = {'stage1': 'stage1_pretrain.ipynb', 'stage2': 'stage2_joint.ipynb'
 class NotebookFailed(RuntimeError):
     "A notebook run by papermill raised; the executed notebook with the error is saved at `.output`."
     def __init__(self, msg, output): super().__init__(msg); self.output = output
+
+class NotebookStopped(NotebookFailed):
+    "A notebook stopped by SIGTERM / Ctrl-C sent to this process: passed on to its kernel, whose training saved and stopped."
+    def __init__(self, msg, output, signal_name): super().__init__(msg, output); self.signal = signal_name
+
+def _child_pids() -> list[int]:
+    "Processes whose parent is this one (Linux /proc): the papermill kernel."
+    me, out = os.getpid(), []
+    for d in Path('/proc').iterdir():
+        if not d.name.isdigit(): continue
+        try: ppid = int((d/'stat').read_text().rsplit(')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError): continue
+        if ppid == me: out.append(int(d.name))
+    return out
+
+class forward_stop_signals:
+    "Context: SIGTERM / SIGINT to this process are passed on to its children -- the kernel runs in its own session, so a group signal misses it."
+    def __init__(self): self.received, self._old = [], {}
+    def _handler(self, signum, frame):
+        import signal
+        name = signal.Signals(signum).name; self.received.append(name)
+        print(f'[pipeline] {name} received: passing it to the running notebook, whose training saves and stops', flush=True)
+        for pid in _child_pids():
+            try: os.kill(pid, signum)
+            except ProcessLookupError: pass
+    def __enter__(self):
+        import signal, threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+    def __exit__(self, *exc):
+        import signal
+        for s, h in self._old.items(): signal.signal(s, h)
 
 def experiments_dir() -> Path:
     "Folder of the experiment notebooks (`nbs/experiments` of the source checkout)."
@@ -172,13 +246,19 @@ def run_notebook(notebook: str | os.PathLike, # the notebook to run
     if log_output and not any(getattr(h, '_amt', False) for h in log.handlers):
         h = logging.StreamHandler(sys.stdout); h.setFormatter(logging.Formatter('%(message)s')); h._amt = True
         log.addHandler(h); log.setLevel(logging.INFO); log.propagate = False
-    try:
-        pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name='python3',
-                            language='python', log_output=log_output, progress_bar=False,
-                            cwd=str(cwd or output.parent), stdout_file=None)
-    except pm.PapermillExecutionError as e:
-        raise NotebookFailed(f'notebook {notebook} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); '
-                             f'the executed notebook with the error is saved at {output}', output) from None
+    with forward_stop_signals() as fwd:
+        try:
+            pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name='python3',
+                                language='python', log_output=log_output, progress_bar=False,
+                                cwd=str(cwd or output.parent), stdout_file=None)
+        except Exception as e:
+            what = f'{e.ename}: {e.evalue}' if isinstance(e, pm.PapermillExecutionError) else f'{type(e).__name__}: {e}'
+            if fwd.received:
+                raise NotebookStopped(f'notebook {Path(notebook).name} stopped by {fwd.received[0]} ({what}); '
+                                      f'the executed notebook is saved at {output}', output, fwd.received[0]) from None
+            if not isinstance(e, pm.PapermillExecutionError): raise
+            raise NotebookFailed(f'notebook {notebook} failed in cell {e.exec_count} ({what}); '
+                                 f'the executed notebook with the error is saved at {output}', output) from None
     return output
 
 # %% ../nbs/09_stages.ipynb #8e7d9f0a
@@ -196,9 +276,13 @@ def summary_table(stages: dict) -> str:
     return '\n'.join('  '.join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
 def learned_verdict(final: dict) -> dict:
-    "Did the run learn? rr-MPJPE <= half the mean-pose baseline, and spread ratio >= 0.5 (no collapse)."
+    "Did the run learn? rr-MPJPE <= half the mean-pose baseline; the diversity verdict of `amt_lib.metrics` (not collapsed)."
+    from amt_lib.metrics import diversity_verdict
+    div = final.get('diversity') or {}
+    verdict = div.get('verdict') or diversity_verdict(final.get('spread_ratio', 0.), 1.)[1]   # no report: the hand pose's ratio
     return dict(beats_half_baseline=bool(final.get('rr_mpjpe', math.inf) <= 0.5 * final.get('mean_pose_rr_mpjpe', 0)),
-                no_collapse=bool(final.get('spread_ratio', 0) >= 0.5))
+                no_collapse=verdict != 'collapsed', diversity=verdict,
+                not_healthy={k: round(r['ratio'], 3) for k, r in div.get('rows', {}).items() if r['verdict'] not in ('healthy', 'n/a')})
 
 # %% ../nbs/09_stages.ipynb #801abace
 def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
@@ -213,9 +297,11 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
     from amt_lib.config import git_commit, PACKAGE_DIR
     cfg = load_config(preset, list(overrides))   # fail fast on a bad key, before any notebook starts
     run_dir = Path(run_dir or f"runs/{cfg.name}-pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}").absolute()
+    pipeline_disk_budget(preset, overrides, stages, run_dir)   # prints; refuses a disk that cannot hold every stage's files
     run_dir.mkdir(parents=True, exist_ok=True)
     nb_dir, t0 = experiments_dir(), time.time()
-    handover = {'stage1': None, 'stage2': str(run_dir/'stage1'), 'stage3': str(run_dir/'stage2'/'checkpoints'/'best.pt'),
+    s1 = run_dir/'stage1'   # stage 1 is optional: without it (and without an earlier one here) stage 2 starts from scratch
+    handover = {'stage1': None, 'stage2': str(s1) if 'stage1' in stages or s1.exists() else None, 'stage3': str(run_dir/'stage2'/'checkpoints'/'best.pt'),
                 'debugging': str(run_dir/'stage3'/'checkpoints'/'best.pt')}
     summary = dict(preset=str(preset), run_dir=str(run_dir), date=datetime.datetime.now().isoformat(timespec='seconds'),
                    commit=git_commit(PACKAGE_DIR), overrides=list(overrides), stages={})
@@ -236,6 +322,45 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
     print(summary_table(summary['stages']), flush=True)
     if 'learned' in summary: print(f"[pipeline] learned: {summary['learned']}  ({summary['minutes']:.1f} min)", flush=True)
     return summary
+
+# %% ../nbs/09_stages.ipynb #c8d7e6f2
+def pipeline_disk_budget(preset: str, # preset name or YAML path
+                         overrides: Sequence[str] = (), # dotted overrides, as for the pipeline
+                         stages: Sequence[str] = ('stage1', 'stage2', 'stage3'), # the stages that will run
+                         run_dir: str | os.PathLike = '.', # the pipeline folder (its disk is checked)
+                         verbose: bool = True,
+                        ) -> dict:
+    "Most bytes the pipeline's checkpoints and weights files take; `DiskBudgetError` when `run_dir`'s disk cannot hold them."
+    from amt_lib.models.amt import build_model
+    from amt_lib.learner.checkpoint import checkpoint_bytes, periodic_kept, free_bytes, DiskBudgetError
+    with torch.device('meta'): model = build_model(load_config(preset, list(overrides)), pretrained=False)   # sizes, no memory
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())   # a slim weights file (EMA weights)
+    runs = ([(1, c) for c in STAGE1_TERMS] if 'stage1' in stages else []) + [(s, None) for s in (2, 3) if f'stage{s}' in stages]
+    rows, total, largest = [], 0, 0
+    for stage, comp in runs:
+        t = stage_config(preset, overrides, stage, comp).training
+        if t.epochs == 0: continue
+        for p, f in flags: p.requires_grad_(f)
+        for name in t.freeze: model.components[name].requires_grad_(False)
+        one = checkpoint_bytes(model, ema=t.ema_decay > 0)
+        files = periodic_kept(t.epochs, t.checkpoint_every_epochs, t.keep_checkpoints) + 2
+        keep = one * files + weights * (1 if stage == 1 else 2)            # stage 1: <component>.pt; 2, 3: init.pt + final_weights.pt
+        rows.append(dict(run=f'{stage} {comp}' if comp else str(stage), one=one, files=files, bytes=keep))
+        total, largest = total + keep, max(largest, one)
+    need = total + largest                                                  # + the file being written
+    rd = Path(run_dir)
+    have = sum(p.stat().st_size for p in rd.rglob('*.pt')) if rd.exists() else 0   # a rerun replaces these
+    free = free_bytes(rd) + have
+    gb = lambda b: f'{b / 1e9:.1f} GB'
+    if verbose:
+        print(f"[pipeline] checkpoints: at most {gb(need)} for {len(rows)} training runs ("
+              + ', '.join(f"{r['run']}: {r['files']} x {r['one'] / 1e9:.2f} GB" for r in rows) + f"); {gb(free)} free in {rd}", flush=True)
+    if need > free:
+        raise DiskBudgetError(f'run folder {rd}: the pipeline keeps up to {gb(need)} of checkpoints and weights but its disk has '
+                              f'{gb(free)} free; free some space, choose another --run-dir, or keep fewer files '
+                              f'(training.keep_checkpoints, training.checkpoint_every_epochs)')
+    return dict(runs=rows, need=need, free=free)
 
 # %% ../nbs/09_stages.ipynb #0f9c1460
 def weights_file(ckpt_path: str | os.PathLike, # a training checkpoint (…/checkpoints/last.pt or best.pt)
@@ -278,27 +403,39 @@ def _final_checkpoint(run_dir: Path) -> Path:
         if (run_dir/'checkpoints'/n).exists(): return run_dir/'checkpoints'/n
     raise FileNotFoundError(f'no checkpoint in {run_dir/"checkpoints"}: did training stop before its first step?')
 
-def _stage1_files(init_from) -> dict:
-    "Component -> weights file of a finished stage 1 (`init_from` = its folder, or one file for everything)."
+def _stage1_files(init_from, cfg: DictConfig) -> dict:
+    "Component -> weights file of a finished stage 1 (`init_from` = its folder, or one file for everything); skipped components (0 epochs) excepted."
     p = Path(init_from)
     if p.is_file(): return {'all': p}
-    files = {c: p/f'{c}.pt' for c in STAGE1_TERMS}
+    files = {c: p/f'{c}.pt' for c in STAGE1_TERMS if stage1_epochs(cfg, c) > 0}
     missing = [str(f) for f in files.values() if not f.exists()]
     if missing: raise FileNotFoundError(f'stage 2 starts from stage 1\'s component checkpoints; missing: {missing} '
                                         f'(run stage 1 with this run_dir first, or pass init_from=<one checkpoint>)')
     return files
 
+def _guards_near(weights: Path) -> dict:
+    "`guard_summary` of each training run beside a weights file (its folder's and its sub-folders' metrics.csv), by run name."
+    from amt_lib.learner.guards import guard_summary
+    from amt_lib.learner.callbacks import read_metrics
+    d = Path(weights).parent
+    runs = [d] + sorted(p for p in d.iterdir() if p.is_dir())
+    out = {r.name: guard_summary(read_metrics(r/'metrics.csv', 'train')) for r in runs if (r/'metrics.csv').exists()}
+    return {k: v for k, v in out.items() if v}
+
 def evaluate_weights(cfg: DictConfig, weights: str | os.PathLike, max_train_samples: int = 1024) -> dict:
-    "Validation summary (mm) of a weights file: rr-MPJPE, PA-MPJPE, mean-pose baseline, spread ratio, objects, contact."
+    "Validation summary (mm) of a weights file: hand, baseline, spreads, objects (ADD...), confidence calibration, the runs' guards."
     from amt_lib.models.amt import build_model
     from amt_lib.learner.checkpoint import load_checkpoint
     from amt_lib.data.loaders import build_dataset
     model = build_model(cfg)
     model.load_state_dict(load_checkpoint(weights)['model'], strict=True)
-    dl = lambda split: torch.utils.data.DataLoader(build_dataset(cfg, split), batch_size=cfg.training.batch_size,
-                                                   num_workers=cfg.data.num_workers)
-    mean_hand = mean_root_relative_hand(dl(cfg.data.train_split), max_train_samples)
-    return hand_summary(model, dl(cfg.data.val_split), mean_hand)
+    bs, nw = int(cfg.training.batch_size), int(cfg.data.num_workers)
+    train_ds, val_ds = build_dataset(cfg, cfg.data.train_split), build_dataset(cfg, cfg.data.val_split)
+    mean_hand = mean_root_relative_hand(train_ds, max_train_samples, int(cfg.seed), bs, nw)
+    pts = val_ds.object_model_points() if callable(getattr(val_ds, 'object_model_points', None)) else None
+    s = hand_summary(model, torch.utils.data.DataLoader(val_ds, batch_size=bs, num_workers=nw), mean_hand, obj_points=pts)
+    s['guards'] = _guards_near(Path(weights))
+    return s
 
 def run_stage(stage: int, # 1, 2 or 3
               preset: str = 'smoke', # preset name or YAML path
@@ -325,16 +462,23 @@ def run_stage(stage: int, # 1, 2 or 3
         steps += int(load_checkpoint(rd/'checkpoints'/'last.pt').get('step', 0))
         return cfg, ck
     if stage == 1:
-        prev, comps = (Path(init_from) if init_from else None), list(STAGE1_TERMS)
-        for c in comps:
+        prev = Path(init_from) if init_from else None
+        comps = [c for c in STAGE1_TERMS if stage1_epochs(base, c) > 0]
+        if not comps: raise ConfigError('every stage-1 component has 0 epochs (stages.stage1_epochs / stage1_component_epochs): '
+                                        'leave stage 1 out (amt pipeline --stages stage2,stage3,debugging) instead')
+        for c in STAGE1_TERMS:
+            if c not in comps: print(f'[stage 1] {c}: 0 epochs, skipped', flush=True); continue
             cfg, ck = _train(stage_overrides(base, 1, c), sdir/c, prev,
                              None if max_minutes is None else max_minutes / len(comps))
             prev = weights_file(sdir/c/'checkpoints'/'last.pt', sdir/f'{c}.pt', trained=[c])
         final = prev
     elif stage == 2:
-        if init_from is None: raise ValueError('stage 2 needs init_from: stage 1\'s folder (or one checkpoint)')
-        files = _stage1_files(init_from)
-        if 'all' in files: init = weights_file(files['all'], sdir/'init.pt')
+        files = {} if init_from is None else _stage1_files(init_from, base)
+        if not files:
+            init = None   # no stage 1: start from scratch, the backbone from model.backbone.name
+            print(f"[stage 2] no stage-1 weights: starting from {base.model.backbone.name or 'a random backbone'} "
+                  f"and randomly initialised heads", flush=True)
+        elif 'all' in files: init = weights_file(files['all'], sdir/'init.pt')
         else:
             from amt_lib.models.amt import build_model
             init = merge_component_weights(files, sdir/'init.pt', component_prefixes(build_model(base)))
@@ -352,6 +496,102 @@ def run_stage(stage: int, # 1, 2 or 3
     if stage == 3: (sdir/'evaluation.json').write_text(json.dumps(summary, indent=2))
     return summary
 
+# %% ../nbs/09_stages.ipynb #b7c6d5e2
+DEXYCB_TRAIN_FRAMES = {'s0': 465_504}   # frames of the official training split per setup (all cameras), before skip_no_hand
+
+def steps_per_epoch(cfg: DictConfig) -> tuple[int | None, bool]:
+    "(optimiser steps per epoch, exact?) of a run's training split on one process; DexYCB with skip_no_hand: an upper bound."
+    from amt_lib.learner.train import _steps_per_epoch
+    d, t = cfg.data, cfg.training
+    if d.source == 'synth': n, exact = int(d.train_size), True
+    elif d.source == 'dexycb' and d.train_split == 'train' and d.setup in DEXYCB_TRAIN_FRAMES:
+        n, exact = DEXYCB_TRAIN_FRAMES[d.setup], not d.skip_no_hand
+    else: return None, False
+    return _steps_per_epoch(n // int(t.batch_size), int(t.accumulation)), exact
+
+def _weight_text(cfg: DictConfig, term: str) -> str:
+    "A loss term's weight over a run's epochs, in words: `0.1`, `0.1; 0.05 from 20`, `0 -> 0.086 over 20..50`."
+    w = float(cfg.loss.weights[term])
+    f = lambda x: f'{float(x):g}'
+    if term in cfg.loss.schedules:
+        pts = sorted((int(e), float(x)) for e, x in cfg.loss.schedules[term].items())
+        text = '; '.join([f(w)] * (pts[0][0] > 0) + [f(x) + (f' from {e}' if e else '') for e, x in pts])
+    elif term in cfg.loss.ramps:
+        pts = sorted((int(e), float(x)) for e, x in cfg.loss.ramps[term].items())
+        text = ' -> '.join(f(x) for _, x in pts) + f" over epochs {'..'.join(str(e) for e, _ in pts)}"
+    else: text = f(w)
+    r = int(cfg.model.refine_from_epoch)
+    if term == 'hand_refined' and r > 0: text = f'0 until {r} (no refinement); {text}'
+    return text
+
+def recipe(preset: str = 'h200', # preset name or YAML path
+           overrides: Sequence[str] = (), # dotted overrides, as for `amt pipeline`
+          ) -> list[dict]:
+    "Every training run of the pipeline (stage-1 components, stage 2, stage 3) as resolved from its own config."
+    from amt_lib.learner.train import scheduler_period
+    from amt_lib.losses import LOSS_TERMS
+    base = load_config(preset, list(overrides))
+    runs = [(1, c) for c in STAGE1_TERMS] + [(2, None), (3, None)]
+    rows = []
+    for stage, comp in runs:
+        cfg = stage_config(preset, overrides, stage, comp)
+        t = cfg.training
+        spe, exact = steps_per_epoch(cfg)
+        frozen = list(t.freeze)
+        rows.append(dict(
+            stage=stage, component=comp, name=f'1 {comp}' if comp else str(stage), epochs=int(t.epochs),
+            steps_per_epoch=spe, steps=None if spe is None else spe * int(t.epochs), steps_exact=exact,
+            lr_heads=float(t.lr), lr_backbone=None if 'backbone' in frozen else float(t.lr * t.backbone_lr_mult),
+            backbone_frozen_layers=int(cfg.model.backbone.freeze_layers), frozen=frozen,
+            weights={k: _weight_text(cfg, k) for k in LOSS_TERMS},
+            refine_from_epoch=int(cfg.model.refine_from_epoch), refine_steps=int(cfg.model.refine_steps),
+            hard_mining=float(t.hard_mining_share) if t.hard_mining else None,
+            T_0_epochs=t.T_0_epochs, T_0_steps=None if spe is None and t.T_0_epochs is not None else scheduler_period(cfg, spe or 1),
+            T_mult=int(t.T_mult), warmup_steps=int(t.warmup_steps), eval_every=int(t.eval_every),
+            checkpoint_every_epochs=int(t.checkpoint_every_epochs), keep_checkpoints=t.keep_checkpoints, config=cfg))
+    return rows
+
+def recipe_table(rows: list[dict]) -> str:
+    "The resolved recipe as text: one line per training run, then the loss weights per run."
+    n = lambda x, ex=True: '?' if x is None else ('' if ex else '<= ') + f'{x:,d}'
+    lr = lambda x: 'frozen' if x is None else f'{x:g}'
+    c0 = rows[0]['config']
+    spe, exact = steps_per_epoch(c0)
+    src = (f"SynthHOI, {c0.data.train_size:,d} training samples" if c0.data.source == 'synth' else
+           f"DexYCB {c0.data.setup} {c0.data.train_split}: {n(DEXYCB_TRAIN_FRAMES.get(c0.data.setup), True)} frames"
+           + (', fewer after data.skip_no_hand drops frames without a hand (steps are upper bounds)' if c0.data.skip_no_hand else ''))
+    head = ['run', 'epochs', 'steps/epoch', 'steps', 'lr heads', 'lr backbone', 'frozen', 'refine', 'hard mining',
+            'T_0 (restarts)', 'eval every', 'checkpoints']
+    out = [head]
+    for r in rows:
+        ck = (f"every {r['checkpoint_every_epochs']} ep, keep {r['keep_checkpoints'] if r['keep_checkpoints'] is not None else 'all'}"
+              if r['checkpoint_every_epochs'] else 'none') + ' + best + last'
+        t0 = (f"{r['T_0_epochs']:g} ep = {n(r['T_0_steps'], r['steps_exact'])} steps" if r['T_0_epochs'] is not None
+              else f"{r['T_0_steps']:,d} steps") + (f" x{r['T_mult']}" if r['T_mult'] != 1 else '')
+        out.append([r['name'], str(r['epochs']), n(r['steps_per_epoch'], r['steps_exact']), n(r['steps'], r['steps_exact']),
+                    lr(r['lr_heads']), lr(r['lr_backbone']) + (f" (layers 1-{r['backbone_frozen_layers']} frozen)" if r['backbone_frozen_layers'] and r['lr_backbone'] else ''),
+                    ', '.join(f for f in r['frozen'] if f != 'backbone') or '-',
+                    (f"{r['refine_steps']} steps from epoch {r['refine_from_epoch']}" if r['refine_steps'] else 'off'),
+                    f"on, {r['hard_mining']:.0%} by error" if r['hard_mining'] is not None else 'off',
+                    t0, f"{r['eval_every']:,d} steps", ck])
+    fmt = lambda tab: '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, [max(len(x[i]) for x in tab) for i in range(len(tab[0]))])).rstrip()
+                                 for row in tab)
+    wt = [['loss weight'] + [r['name'] for r in rows]] + [[k] + [r['weights'][k] for r in rows] for k in rows[0]['weights']]
+    note = (f"warm restarts count from the end of each run's warm-up ({c0.training.warmup_steps:,d} steps); "
+            f"min lr {c0.training.min_lr:g}; steps for one GPU (DDP over N GPUs: N times fewer)")
+    return f"{c0.name} recipe on {src}\n\n{fmt(out)}\n{note}\n\n{fmt(wt)}"
+
+def cli_recipe(argv: list[str] | None = None) -> int:
+    "`amt recipe --preset P [overrides...]`: print what every stage of the pipeline trains with; exit 2 on a bad key."
+    import argparse
+    ap = argparse.ArgumentParser(prog='amt recipe', description='Print the resolved three-stage recipe of a preset.')
+    ap.add_argument('--preset', default='h200', help='preset name or YAML path')
+    ap.add_argument('overrides', nargs='*', help='dotted key=value overrides (as for amt pipeline)')
+    a = ap.parse_args(argv)
+    try: print(recipe_table(recipe(a.preset, a.overrides)))
+    except ConfigError as e: print(f'error: {e}', file=sys.stderr); return 2
+    return 0
+
 # %% ../nbs/09_stages.ipynb #47db6213
 def _parse_params(pairs: Sequence[Sequence[str]]) -> dict:
     "papermill-style `-p name value` pairs, values parsed as YAML scalars."
@@ -360,7 +600,13 @@ def _parse_params(pairs: Sequence[Sequence[str]]) -> dict:
 
 def cli_train(argv: list[str] | None = None) -> int:
     "`amt train [--stage N] [--init-from P] --preset P [--run-dir DIR] [--resume CKPT] [overrides...]`."
+    from amt_lib.cli import run_command
+    return run_command('train', _train_command, argv)
+
+def _train_command(argv: list[str] | None) -> int:
     import argparse
+    from amt_lib.config import validate_config
+    from amt_lib.learner.checkpoint import load_checkpoint, require_checkpoint
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog='amt train', add_help=False)
     ap.add_argument('--stage', type=int, choices=(1, 2, 3))
@@ -373,56 +619,89 @@ def cli_train(argv: list[str] | None = None) -> int:
             print('amt train --stage {1,2,3} [--init-from P]: run one stage of the recipe (amt_lib.stages); '
                   'without --stage, plain training:\n')
         return plain(rest)
-    ap2 = argparse.ArgumentParser(prog=f'amt train --stage {known.stage}', description='Run one stage of the recipe.')
+    ap2 = argparse.ArgumentParser(prog='amt train', description=f'Run stage {known.stage} of the recipe.')
     ap2.add_argument('--preset', default='smoke'); ap2.add_argument('--run-dir', default=None)
     ap2.add_argument('--max-steps', type=int); ap2.add_argument('--max-minutes', type=float)
     ap2.add_argument('overrides', nargs='*')
     a = ap2.parse_args(rest)
+    if known.stage in (2, 3) and known.init_from is None:
+        ap2.error(f"--stage {known.stage} needs --init-from: {'stage 1 folder' if known.stage == 2 else 'stage 2 best.pt'}")
+    validate_config(load_config(a.preset, a.overrides), 'train')       # before any stage work starts
+    if known.init_from and not Path(known.init_from).is_dir():         # a file: ours, readable, holding weights
+        require_checkpoint(load_checkpoint(known.init_from), known.init_from)
     run_dir = a.run_dir or f"runs/{load_config(a.preset).name}-pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    try:
-        s = run_stage(known.stage, a.preset, a.overrides, run_dir, known.init_from, a.max_steps, a.max_minutes,
-                      headless=not sys.stdout.isatty())
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr); return 2
+    s = run_stage(known.stage, a.preset, a.overrides, run_dir, known.init_from, a.max_steps, a.max_minutes,
+                  headless=not sys.stdout.isatty())
     print(summary_table({STAGE_NAMES[known.stage]: s}))
     return 0
 
+def notebook_parameters(nb: str | os.PathLike) -> list[str]:
+    "Names assigned in a notebook's `parameters` cell (what `-p NAME VALUE` may set)."
+    import ast
+    cells = json.loads(Path(nb).read_text())['cells']
+    cell = next((c for c in cells if 'parameters' in c.get('metadata', {}).get('tags', [])), None)
+    if cell is None: raise ConfigError(f'notebook {nb} has no cell tagged `parameters`: papermill cannot run it with parameters')
+    tree = ast.parse(''.join(cell['source']))
+    names = [t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+             for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)]
+    return names
+
 def cli_run(argv: list[str] | None = None) -> int:
-    "`amt run NOTEBOOK [-p NAME VALUE ...] [--preset P] [--run-dir DIR] [overrides...]`: run one notebook with papermill."
-    import argparse
+    "`amt run NOTEBOOK [--preset P] [key=value ...] [-p NAME VALUE ...] [--run-dir DIR]` (any order): run one notebook with papermill."
+    from amt_lib.cli import run_command
+    return run_command('run', _run_command, argv)
+
+def _run_command(argv: list[str] | None) -> int:
+    import argparse, difflib
+    from amt_lib.config import validate_config
     ap = argparse.ArgumentParser(prog='amt run', description='Run an experiment notebook with papermill into <run_dir>/<stage>.ipynb.')
     ap.add_argument('notebook', help=f"a notebook path or one of {', '.join(EXPERIMENTS)}")
     ap.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
     ap.add_argument('--preset'); ap.add_argument('--run-dir')
     ap.add_argument('overrides', nargs='*', help='dotted key=value overrides (the notebook\'s `overrides` parameter)')
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)      # options, -p pairs and overrides in any order
     nb = Path(a.notebook) if a.notebook not in EXPERIMENTS else experiments_dir()/EXPERIMENTS[a.notebook]
-    if not nb.exists(): print(f'error: notebook {nb} does not exist', file=sys.stderr); return 2
+    if not nb.exists(): raise FileNotFoundError(f"notebook {nb} does not exist; give a path or one of {', '.join(EXPERIMENTS)}")
     params = _parse_params(a.parameter)
+    known = notebook_parameters(nb)
+    for k in params:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=2, cutoff=0.6)
+            raise ConfigError(f"-p {k}: {nb.name} has no parameter {k!r}" + (f"; did you mean {', '.join(close)}?" if close else '') +
+                              f"; its parameters: {', '.join(known)}")
     if a.preset: params['preset'] = a.preset
     if a.overrides: params['overrides'] = list(a.overrides)
     preset = params.get('preset', 'smoke')
-    try: name = load_config(preset, params.get('overrides', [])).name
-    except ConfigError as e: print(f'error: {e}', file=sys.stderr); return 2
+    name = validate_config(load_config(preset, params.get('overrides', [])), 'train').name
     run_dir = Path(a.run_dir or params.get('run_dir') or f'runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}').absolute()
     params['run_dir'] = str(run_dir); params.setdefault('headless', True)
     stage = next((k for k, v in EXPERIMENTS.items() if v == nb.name), nb.stem)
     try: out = run_notebook(nb, run_dir/f'{stage}.ipynb', params, cwd=run_dir)
-    except NotebookFailed as e: print(f'error: {e}', file=sys.stderr); return 1
+    except NotebookFailed as e: print(f'amt run: error: {e}', file=sys.stderr); return 1
     print(f'amt run: {nb.name} finished; executed notebook: {out}')
     return 0
 
 def cli_pipeline(argv: list[str] | None = None) -> int:
-    "`amt pipeline --preset P [--run-dir DIR] [--max-steps N] [--max-minutes M] [overrides...]`: stage 1 → 2 → 3 → debugging."
+    "`amt pipeline --preset P [--run-dir DIR] [--max-steps N] [--max-minutes M] [--stages ...] [overrides...]`: stage 1 → 2 → 3 → debugging."
+    from amt_lib.cli import run_command
+    return run_command('pipeline', _pipeline_command, argv)
+
+def _pipeline_command(argv: list[str] | None) -> int:
     import argparse
+    from amt_lib.config import validate_config
     ap = argparse.ArgumentParser(prog='amt pipeline', description='Run the three training stages and the debugging notebook.')
     ap.add_argument('--preset', default='cpu-demo'); ap.add_argument('--run-dir')
     ap.add_argument('--max-steps', type=int, help='per training run'); ap.add_argument('--max-minutes', type=float, help='per stage')
     ap.add_argument('--stages', default='stage1,stage2,stage3,debugging', help='comma-separated subset, in order')
     ap.add_argument('overrides', nargs='*')
-    a = ap.parse_args(argv)
-    try:
-        run_pipeline(a.preset, a.run_dir, a.overrides, a.max_steps, a.max_minutes, a.stages.split(','))
-    except ConfigError as e: print(f'error: {e}', file=sys.stderr); return 2
-    except NotebookFailed as e: print(f'error: {e}', file=sys.stderr); return 1
+    a = ap.parse_intermixed_args(argv)
+    stages = [s.strip() for s in a.stages.split(',') if s.strip()]
+    bad = [s for s in stages if s not in EXPERIMENTS]
+    if bad or not stages: ap.error(f"--stages {a.stages!r}: unknown stage(s) {', '.join(bad) or '(none given)'}; "
+                                   f"choose from {', '.join(EXPERIMENTS)}")
+    if a.max_steps is not None and a.max_steps < 1: ap.error(f'--max-steps {a.max_steps}: expected an integer >= 1')
+    if a.max_minutes is not None and not a.max_minutes > 0: ap.error(f'--max-minutes {a.max_minutes}: expected a number > 0')
+    validate_config(load_config(a.preset, a.overrides), 'train')
+    try: run_pipeline(a.preset, a.run_dir, a.overrides, a.max_steps, a.max_minutes, stages)
+    except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1
     return 0

@@ -54,6 +54,8 @@ def test_cli_predict_photo(ckpt, tmp_path):
     assert r['crop']['mode'] == 'hand' and 'cropped around the hand' in out
     assert np.array(r['hand']['joints_mm']).shape == (21, 3) and r['weights'] == 'ema'
     assert (tmp_path/'o'/'b_overlay.png').exists()
+    assert len(r['hand']['confidence']) == 21 and 'exp(-e / tau)' in r['hand']['confidence_meaning']   # the trained quantity, said
+    assert all('force_n' not in o.get('contact', {}) for o in r['objects'])                       # no forces: nothing trains them
     rc, out, _ = run(cli_predict, [str(tmp_path/'a.jpg'), '--ckpt', str(ckpt), '--device', 'cpu', '--out', str(tmp_path/'c')])
     r = json.loads((tmp_path/'c'/'a.json').read_text())
     assert rc == 0 and r['crop']['mode'] == 'centre' and 'centre-cropped' in out and r['K_source'].startswith('default')
@@ -68,6 +70,10 @@ def test_cli_eval_synth(ckpt, tmp_path):
     m = json.loads((tmp_path/'metrics.json').read_text())
     assert m['samples'] == load_config('smoke').data.val_size and m['weights'] == 'ema'
     assert m['metrics']['mpjpe'] > 0 and 'pa_mpjpe' in out
+    # objects: SynthHOI's model points give ADD, ADD-S, their AUC and the BOP-style recall, overall and per class
+    for k in ('add', 'add_s', 'add_auc', 'add_s_auc', 'add_recall@0.1d'): assert np.isfinite(m['metrics'][k]), k
+    assert m['metrics']['objects_per_class'] and 'ADD(-S)<0.1d' in out
+    assert 'conf_spearman' in m['metrics'] and 'conf_ause' in out               # the confidence's calibration
     idx, j = read_hand_results(tmp_path/'hpe_s0_test.txt')
     assert j.shape == (m['samples'], 21, 3)
     rc, _, err = run(cli_eval, ['--ckpt', str(ckpt), '--data', 'dexycb', '--root', str(tmp_path/'nowhere'), '--device', 'cpu'])
@@ -83,10 +89,21 @@ def test_cli_export_onnx_matches_onnxruntime(ckpt, tmp_path):
     assert worst <= 1e-3
 
 
-def test_cli_export_torchscript_reports(ckpt, tmp_path):
-    rc, out, err = run(cli_export, ['torchscript', '--ckpt', str(ckpt), '--out', str(tmp_path/'m.pt')])
-    print(out, err)
-    assert (rc == 0 and 'TorchScript' in out) or (rc == 2 and 'Use ONNX' in err)
+def test_cli_export_torchscript_matches_eager(ckpt, tmp_path):
+    "The traced file loads and gives the eager model's outputs (EMA weights) at another batch size than the traced one."
+    from amt_lib.export import example_inputs, output_keys
+    rc, out, err = run(cli_export, ['torchscript', '--ckpt', str(ckpt), '--out', str(tmp_path/'m.pt'), '--batch', '2'])
+    assert rc == 0 and 'TorchScript' in out, err
+    ts = torch.jit.load(str(tmp_path/'m.pt'))
+    eager = Predictor.from_checkpoint(ckpt, device='cpu', precision='fp32').model
+    img, K = example_inputs(3, 224, seed=11)
+    with torch.no_grad(): got, ref = ts(img, K), eager(img, K)
+    keys = output_keys(eager, img, K)
+    assert len(got) == len(keys) and 'pred_contact_forces' not in keys
+    for k, g in zip(keys, got):
+        assert g.shape == ref[k].shape, k
+        torch.testing.assert_close(g, ref[k], atol=1e-4, rtol=1e-4, msg=k)
+
 
 
 def test_cli_bench_writes_json(tmp_path):

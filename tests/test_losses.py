@@ -34,12 +34,12 @@ def fake_outputs(B=3, Q=10, C=22, seed=1, grad=True):
         return (torch.randn(*s, generator=g) * sc).requires_grad_(grad)
     return dict(
         pred_hand_joints=r(B, 21, 3, sc=.03), pred_hand_joints_coarse=r(B, 21, 3, sc=.03),
-        pred_hand_conf=torch.rand(B, 21, generator=g), pred_hand_joints_2d=r(B, 21, 2, sc=100.),
+        pred_hand_conf=torch.rand(B, 21, generator=g).requires_grad_(grad), pred_hand_joints_2d=r(B, 21, 2, sc=100.),
         pred_mano_pose=r(B, 48, sc=.3), pred_mano_betas=r(B, 10), pred_mano_trans=r(B, 3, sc=.1),
         pred_hand_verts=r(B, 778, 3, sc=.05), pred_obj_pos_coarse=r(B, Q, 3, sc=.1), pred_obj_pos=r(B, Q, 3, sc=.1),
         pred_obj_rot=F.normalize(torch.randn(B, Q, 4, generator=g), dim=-1).requires_grad_(grad),
         pred_obj_logits=r(B, Q, C), pred_contact_points=r(B, Q, 3, sc=.1), pred_contact_logits=r(B, Q),
-        pred_contact_prob=torch.rand(B, Q, generator=g), pred_contact_forces=r(B, Q, 3))
+        pred_contact_prob=torch.rand(B, Q, generator=g))
 
 
 @pytest.fixture(scope='module')
@@ -56,10 +56,10 @@ def test_all_terms_and_total(cfg):
     assert torch.allclose(res['loss'], sum(w[k] * res[k] for k in LOSS_TERMS), atol=1e-5)
     res['loss'].backward()
     for k, v in out.items():
-        if v.requires_grad and k not in ('pred_contact_points', 'pred_contact_forces'):
+        if v.requires_grad:
             assert v.grad is not None and torch.isfinite(v.grad).all(), k
-    # contact points / forces are not supervised (no labels): they get no gradient
-    assert out['pred_contact_forces'].grad is None and out['pred_contact_points'].grad is None
+    # every output that a loss term reads is trained: the confidence and the contact points too (issue 15)
+    assert out['pred_hand_conf'].grad.abs().sum() > 0 and out['pred_contact_points'].grad.abs().sum() > 0
 
 
 def test_invalid_hands_nan_predictions_are_ignored(cfg):
@@ -134,7 +134,8 @@ def test_matching_finds_the_right_slots():
 
 
 def test_schedules(cfg):
-    h200 = load_config('h200')
+    from amt_lib.stages import stage_config
+    h200 = stage_config('h200', [], 2)             # the h200 recipe's diversity schedule is stage 2's: 0.1, then 0.05 from epoch 20
     crit = AMTLoss(h200)
     out, batch = fake_outputs(grad=False), fake_batch()
     assert crit(out, batch, epoch=0)['w_diversity'].item() == pytest.approx(0.1)
@@ -174,7 +175,7 @@ def test_optimising_the_predictions_lowers_every_data_term(cfg):
     crit = AMTLoss(cfg)
     batch = fake_batch()
     out = {k: torch.nn.Parameter(v.detach().clone()) for k, v in fake_outputs(grad=False).items()
-           if k not in ('pred_hand_conf', 'pred_contact_prob')}
+           if k != 'pred_contact_prob'}                      # the confidence is optimised too (its own term)
     # step sizes in each prediction's own unit: pixels for the 2D joints, metres for positions
     lrs = {'pred_hand_joints_2d': 3., 'pred_obj_logits': 0.2, 'pred_contact_logits': 0.2, 'pred_mano_pose': 0.05,
            'pred_mano_betas': 0.05, 'pred_obj_rot': 0.05}
@@ -229,3 +230,17 @@ def test_with_the_real_model(cfg):
     assert torch.isfinite(res['loss'])
     res['loss'].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_confidence_target_follows_the_joint_error(cfg):
+    "The confidence term is lowest when the confidence equals exp(-error / tau) of each joint, and never moves the joints."
+    from amt_lib.losses import confidence_loss
+    batch = fake_batch()
+    pred = (batch['hand_joints_3d'] + torch.randn(3, 21, 3) * 0.02).requires_grad_()
+    err = (pred.detach() - batch['hand_joints_3d']).norm(dim=-1)
+    tau = float(cfg.loss.confidence_tau)
+    v = torch.ones(3, dtype=torch.bool)
+    best = confidence_loss(torch.exp(-err / tau).requires_grad_(), pred, batch['hand_joints_3d'], v, tau)
+    for c in (torch.full_like(err, 0.5), torch.exp(-err / tau).flip(-1), 1 - torch.exp(-err / tau)):
+        assert confidence_loss(c, pred, batch['hand_joints_3d'], v, tau) > best
+    best.backward(); assert pred.grad is None

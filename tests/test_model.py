@@ -41,8 +41,9 @@ def test_forward_backward_shapes_and_time(smoke_model):
                 pred_hand_joints_2d=(B, 21, 2), pred_mano_pose=(B, 48), pred_mano_betas=(B, 10), pred_mano_trans=(B, 3),
                 pred_hand_verts=(B, 778, 3), pred_obj_pos_coarse=(B, Q, 3), pred_obj_pos=(B, Q, 3), pred_obj_rot=(B, Q, 4),
                 pred_obj_logits=(B, Q, C), pred_contact_points=(B, Q, 3), pred_contact_logits=(B, Q),
-                pred_contact_prob=(B, Q), pred_contact_forces=(B, Q, 3), pred_hand_joints_steps=(B, S, 21, 3))
+                pred_contact_prob=(B, Q), pred_hand_joints_steps=(B, S, 21, 3))
     for k, shape in want.items(): assert tuple(out[k].shape) == shape, k
+    assert 'pred_contact_forces' not in out                                        # no label backs forces: no such output
     assert all(torch.isfinite(v).all() for v in out.values())
     assert all(isinstance(v, torch.Tensor) for v in out.values())
     grads = [p.grad for p in m.parameters() if p.requires_grad]
@@ -135,3 +136,22 @@ def test_cli_model_summary_h200():
     text = buf.getvalue()
     for n in COMPONENTS + ('total',): assert n in text
     assert 'facebook/dinov2-large' in text and '304,368,640' in text   # dinov2-large's own size, no download
+
+
+def test_full_loss_trains_every_parameter():
+    "Every trainable parameter of the smoke model gets a non-zero gradient from the full AMT loss (issue 15, DDP-safe)."
+    from torch.utils.data import default_collate
+    from amt_lib.data.synthetic import SynthHOI
+    from amt_lib.losses import AMTLoss, LOSS_TERMS
+    cfg = load_config('smoke', [f'loss.weights.{t}=1.0' for t in LOSS_TERMS])    # every term on, temporal included
+    assert cfg.model.refine_steps >= 1 and not cfg.training.ddp_find_unused and cfg.training.guards
+    assert not load_config('base').training.ddp_find_unused
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    b = default_collate([SynthHOI.from_config(cfg, 'train')[i] for i in range(4)])
+    assert b['hand_valid'].all() and b['obj_valid'].any() and (b['contact'] > 0).any()   # hands, objects, contacts
+    res = AMTLoss(cfg)(model(b['image'], b['K']), b, model)
+    assert all(res[t] > 0 for t in ('confidence', 'contact_point', 'temporal')), {t: float(res[t]) for t in LOSS_TERMS}
+    res['loss'].backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not dead, f'parameters without gradient: {dead}'

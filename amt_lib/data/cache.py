@@ -88,7 +88,9 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
     meta = {k: np.lib.format.open_memmap(tmp/f'meta_{k}.npy', mode='w+', dtype=np.int64, shape=(N,)) for k in meta_keys}
     strings: dict[str, list[str]] = {}
     sub = torch.utils.data.Subset(dataset, range(N))
-    dl = DataLoader(sub, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    from amt_lib.data.loaders import ignore_stop_signals     # here: loaders imports this module
+    dl = DataLoader(sub, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
+                    worker_init_fn=ignore_stop_signals if num_workers else None)   # a stop signal is the main process's to handle
     if progress:
         from tqdm.auto import tqdm
         dl = tqdm(dl, desc=f'caching {key}', unit='batch')
@@ -233,16 +235,39 @@ class DeviceCache:
 
 # %% ../../nbs/05b_data.cache.ipynb #2077b00e
 class BatchSchedule:
-    "Which indices make each batch, epoch by epoch; `state_dict()` saves the position for an exact resume."
-    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+    "Which indices make each batch, epoch by epoch (optionally oversampling hard samples); `state_dict()` saves the position for an exact resume."
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                 hard_share: float = 0.0, # fraction of each epoch drawn by recorded error (`record`); 0: a plain shuffle
+                ):
         if n <= 0: raise ValueError('BatchSchedule needs at least one sample')
+        if not 0 <= hard_share <= 1: raise ValueError(f'training.hard_mining_share={hard_share}: expected a fraction 0..1')
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
         self.epoch, self.pos = 0, 0
+        self.hard_share = float(hard_share) if shuffle else 0.0
+        self.errors = torch.full((n,), float('nan')) if self.hard_share else None   # last seen error per sample; NaN: not seen
+        self._drawn = None                                                   # (epoch, order): an epoch's order, fixed when drawn
+
+    def record(self, idx: torch.Tensor, # (B,) sample indices
+               err: torch.Tensor, # (B,) their error now (any unit; larger = harder)
+              ):
+        "Remember the latest error of these samples (hard-example mining)."
+        if self.errors is not None: self.errors[idx.long().cpu()] = err.detach().float().cpu()
 
     def order(self, epoch: int) -> torch.Tensor: # (n,) sample order of an epoch
-        "The sample order of an epoch (a seeded permutation, or 0..n-1)."
+        "The sample order of an epoch: a seeded permutation (or 0..n-1), a `hard_share` of it redrawn by recorded error."
         if not self.shuffle: return torch.arange(self.n)
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        if not self.hard_share: return perm
+        if self._drawn is not None and self._drawn[0] == epoch: return self._drawn[1]
+        k, seen = round(self.hard_share * self.n), ~self.errors.isnan()
+        if k and seen.any():
+            w = self.errors.clone(); w[~seen] = self.errors[seen].mean()     # unseen samples count as average ones
+            w = w.clamp_min(0) + 1e-12                                       # probability proportional to the error
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)
+            hard = torch.multinomial(w, k, replacement=True, generator=g)  # (k,) drawn by error, repeats allowed
+            perm = torch.cat([perm[:self.n - k], hard])[torch.randperm(self.n, generator=g)]
+        self._drawn = (epoch, perm)
+        return perm
 
     def __len__(self) -> int:
         "Batches per epoch."
@@ -261,21 +286,34 @@ class BatchSchedule:
             yield bs[self.pos - 1]
         self.epoch, self.pos = self.epoch + 1, 0
 
-    def state_dict(self) -> dict: return dict(epoch=self.epoch, pos=self.pos, seed=self.seed, n=self.n, batch_size=self.batch_size)
+    def state_dict(self) -> dict:
+        d = dict(epoch=self.epoch, pos=self.pos, seed=self.seed, n=self.n, batch_size=self.batch_size)
+        if self.hard_share: d.update(self.mining_state())
+        return d
 
     def load_state_dict(self, d: dict):
         if (d['n'], d['batch_size']) != (self.n, self.batch_size):
             raise ValueError(f"sampler state is for {d['n']} samples in batches of {d['batch_size']}, this one has "
                              f'{self.n} in batches of {self.batch_size}')
         self.epoch, self.pos, self.seed = d['epoch'], d['pos'], d['seed']
+        if self.hard_share and 'errors' in d: self.load_mining_state(d)
+
+    def mining_state(self) -> dict:
+        "The hard-mining table and the order drawn for the current epoch (what a resume needs)."
+        return dict(errors=self.errors.clone(), drawn_epoch=None if self._drawn is None else self._drawn[0],
+                    drawn=None if self._drawn is None else self._drawn[1].clone())
+    def load_mining_state(self, d: dict):
+        if len(d['errors']) != self.n: raise ValueError(f"hard-mining state is for {len(d['errors'])} samples, this data set has {self.n}")
+        self.errors = d['errors'].clone().float()
+        self._drawn = None if d['drawn'] is None else (int(d['drawn_epoch']), d['drawn'].clone())
 
 # %% ../../nbs/05b_data.cache.ipynb #ea0e39c5
 class CacheLoader:
     "Iterate a DeviceCache in batches like a DataLoader, augmenting on the device; resumable via state_dict()."
     def __init__(self, cache: DeviceCache, batch_size: int, shuffle: bool = True, augment: Augmenter | None = None,
-                 seed: int = 0, drop_last: bool = True):
+                 seed: int = 0, drop_last: bool = True, hard_share: float = 0.0):
         self.cache, self.augment, self.seed = cache, augment, seed
-        self.schedule = BatchSchedule(len(cache), batch_size, shuffle, seed, drop_last)
+        self.schedule = BatchSchedule(len(cache), batch_size, shuffle, seed, drop_last, hard_share)
         self.dataset = cache
 
     def __len__(self): return len(self.schedule)
@@ -287,6 +325,7 @@ class CacheLoader:
     def __iter__(self):
         for idx in self.schedule:
             b = self.cache.batch(idx)
+            b['index'] = idx.clone()                                     # (B,) positions in the data set (hard mining)
             if self.augment is not None: b = self.augment(b, self._generator(self.schedule.epoch, self.schedule.pos))
             yield b
 
@@ -311,7 +350,9 @@ def benchmark(root: str | os.PathLike | None = None, # DexYCB root; None -> a te
         n = min(len(ds), max_samples or batch_size * batches)
         sub = torch.utils.data.Subset(ds, range(n))
         aug = Augmenter()
-        dl = DataLoader(sub, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=False)
+        from amt_lib.data.loaders import ignore_stop_signals
+        dl = DataLoader(sub, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=False,
+                        worker_init_fn=ignore_stop_signals if num_workers else None)
         t, seen = time.perf_counter(), 0
         while seen < batch_size * batches:
             for b in dl:

@@ -17,10 +17,11 @@ from .synthetic import (sample_scene, sample_appearance, render_scene, hand_rig,
 
 # %% auto #0
 __all__ = ['SUBJECTS', 'SERIALS', 'YCB_CLASSES', 'SEQUENCES_PER_SUBJECT', 'FRAME_W', 'FRAME_H', 'MAX_OBJECTS', 'COLOR_FMT',
-           'DEPTH_FMT', 'LABEL_FMT', 'SETUPS', 'SPLITS', 'DexYCBError', 'split_selection', 'resolve_root', 'read_yaml',
-           'read_intrinsics', 'read_betas', 'read_labels', 'read_color', 'read_depth', 'read_obj', 'sample_surface',
-           'write_obj', 'ManoPCA', 'hand_crop_box', 'DexYCB', 'write_dexycb_fixture', 'dexycb_ground_truth',
-           'evaluate_hand_results', 'format_hand_eval', 'cli_eval_results']
+           'DEPTH_FMT', 'LABEL_FMT', 'SETUPS', 'SPLITS', 'ROTATION_TOL', 'DexYCBError', 'split_selection',
+           'resolve_root', 'read_yaml', 'read_intrinsics', 'read_betas', 'read_meta', 'read_labels',
+           'check_label_values', 'read_color', 'read_depth', 'read_obj', 'sample_surface', 'write_obj', 'ManoPCA',
+           'hand_crop_box', 'DexYCB', 'write_dexycb_fixture', 'dexycb_ground_truth', 'evaluate_hand_results',
+           'format_hand_eval', 'cli_eval_results']
 
 # %% ../../nbs/05a_data.dexycb.ipynb #22db816f
 SUBJECTS = ['20200709-subject-01', '20200813-subject-02', '20200820-subject-03', '20200903-subject-04',
@@ -93,18 +94,43 @@ def read_intrinsics(root: Path, serial: str) -> np.ndarray: # (3,3) float64 K of
     "Colour intrinsics of one camera from calibration/intrinsics/<serial>_640x480.yml."
     p = Path(root)/'calibration'/'intrinsics'/f'{serial}_{FRAME_W}x{FRAME_H}.yml'
     d = read_yaml(p)
-    try:
-        c = d['color']
-        return np.array([[c['fx'], 0, c['ppx']], [0, c['fy'], c['ppy']], [0, 0, 1]], dtype=np.float64)
+    try: v = {k: float(d['color'][k]) for k in ('fx', 'fy', 'ppx', 'ppy')}
     except (KeyError, TypeError) as e: raise DexYCBError(p, f'missing key {e} under color') from None
+    except ValueError as e: raise DexYCBError(p, f'color: intrinsics must be numbers ({e})') from None
+    bad = next((k for k, x in v.items() if not (math.isfinite(x) and x > 0)), None)
+    if bad: raise DexYCBError(p, f'color.{bad} = {v[bad]}: intrinsics must be finite and > 0')
+    return np.array([[v['fx'], 0, v['ppx']], [0, v['fy'], v['ppy']], [0, 0, 1]], dtype=np.float64)
 
 def read_betas(root: Path, mano_calib: str) -> np.ndarray: # (10,) float32
     "MANO shape of a subject from calibration/mano_<name>/mano.yml."
     p = Path(root)/'calibration'/f'mano_{mano_calib}'/'mano.yml'
     d = read_yaml(p)
-    b = np.asarray(d.get('betas', []), dtype=np.float32).reshape(-1)
-    if b.shape != (10,): raise DexYCBError(p, f'expected 10 betas, got {b.shape[0]}')
+    if 'betas' not in d: raise DexYCBError(p, 'missing key betas')
+    try: b = np.asarray(d['betas'], dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError): raise DexYCBError(p, f"betas: expected 10 numbers, got {str(d['betas'])[:80]}") from None
+    if b.shape != (10,): raise DexYCBError(p, f'betas: expected 10 betas, got {b.shape[0]}')
+    if not np.isfinite(b).all(): raise DexYCBError(p, f'betas: non-finite value(s) {b.tolist()}')
     return b
+
+def _is_int(x) -> bool: return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+def read_meta(path: Path) -> dict:
+    "A sequence's meta.yml, checked: keys present with the right types, ycb_ids in 1..21, grasp index in range, sides right/left."
+    d = read_yaml(path)
+    for k in ('ycb_ids', 'ycb_grasp_ind', 'mano_sides', 'mano_calib', 'num_frames'):
+        if k not in d: raise DexYCBError(path, f'missing key {k!r}')
+    ids, g, sides, calib, n = (d[k] for k in ('ycb_ids', 'ycb_grasp_ind', 'mano_sides', 'mano_calib', 'num_frames'))
+    if not (isinstance(ids, list) and ids and all(_is_int(i) and 1 <= i <= len(YCB_CLASSES) for i in ids)):
+        raise DexYCBError(path, f'ycb_ids = {ids!r}: expected a non-empty list of YCB ids 1..{len(YCB_CLASSES)}')
+    if not (_is_int(g) and 0 <= g < len(ids)): raise DexYCBError(path, f'ycb_grasp_ind = {g!r}: expected an index 0..{len(ids) - 1} into ycb_ids')
+    if not (isinstance(sides, list) and sides and all(s in ('right', 'left') for s in sides)):
+        raise DexYCBError(path, f"mano_sides = {sides!r}: expected a list of 'right' / 'left'")
+    if not (isinstance(calib, list) and calib and all(isinstance(s, str) for s in calib)):
+        raise DexYCBError(path, f'mano_calib = {calib!r}: expected a list of calibration names')
+    if not (_is_int(n) and n >= 1): raise DexYCBError(path, f'num_frames = {n!r}: expected a positive integer')
+    if 'serials' in d and not (isinstance(d['serials'], list) and all(isinstance(s, (str, int)) for s in d['serials'])):
+        raise DexYCBError(path, f"serials = {d['serials']!r}: expected a list of camera serials")
+    return d
 
 def read_labels(path: Path, num_objects: int | None = None) -> dict[str, np.ndarray]:
     "labels_%06d.npz as float32 arrays (seg, pose_y, pose_m, joint_3d, joint_2d), checked."
@@ -121,7 +147,30 @@ def read_labels(path: Path, num_objects: int | None = None) -> dict[str, np.ndar
         raise DexYCBError(path, f"pose_y has shape {d['pose_y'].shape}, expected (n_obj,3,4)")
     if num_objects is not None and d['pose_y'].shape[0] != num_objects:
         raise DexYCBError(path, f"pose_y has {d['pose_y'].shape[0]} objects, meta.yml lists {num_objects}")
+    check_label_values(path, d)
     return d
+
+_SEG_OK = np.zeros(256, bool); _SEG_OK[:len(YCB_CLASSES) + 1] = True; _SEG_OK[255] = True   # background, YCB ids, hand
+ROTATION_TOL = 1e-2   # |R Rᵀ - I| and |det R - 1| allowed in pose_y (float32 labels are orthonormal to ~1e-6)
+
+def check_label_values(path: Path, d: dict[str, np.ndarray]):
+    "Values of a label file: numbers; joints, pose_m, pose_y finite; pose_y rotations orthonormal; seg in {0..21, 255}."
+    for k, a in d.items():
+        if a.dtype.kind not in 'uif': raise DexYCBError(path, f'{k}: expected numbers, got dtype {a.dtype}')
+    for k in ('joint_3d', 'joint_2d', 'pose_m', 'pose_y'):
+        if not np.isfinite(d[k]).all():
+            raise DexYCBError(path, f'{k}: {int((~np.isfinite(d[k])).sum())} non-finite value(s) (a missing hand is all -1, not NaN)')
+    R = d['pose_y'][:, :, :3].astype(np.float64)
+    err = np.abs(R @ R.transpose(0, 2, 1) - np.eye(3)).max((1, 2)) if len(R) else np.zeros(0)
+    det = np.linalg.det(R) if len(R) else np.zeros(0)
+    bad = np.nonzero((err > ROTATION_TOL) | (np.abs(det - 1) > ROTATION_TOL))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise DexYCBError(path, f'pose_y[{i}]: the rotation is not orthonormal (|R Rᵀ - I| = {err[i]:.3g}, det {det[i]:.3g})')
+    s = d['seg']
+    ok = _SEG_OK[s] if s.dtype == np.uint8 else np.isin(s, np.nonzero(_SEG_OK)[0])
+    if not ok.all():
+        raise DexYCBError(path, f'seg: value {s[~ok].flat[0]} (expected 0 background, 1..{len(YCB_CLASSES)} YCB ids, 255 hand)')
 
 def read_color(path: Path) -> np.ndarray: # (480,640,3) uint8
     "A colour frame, fully decoded (a truncated JPEG is an error)."
@@ -302,7 +351,7 @@ class DexYCB(Dataset):
                 if q >= len(names): break
                 name = f'{SUBJECTS[si]}/{names[q]}'
                 try:
-                    meta = read_yaml(self.root/name/'meta.yml')
+                    meta = read_meta(self.root/name/'meta.yml')
                     betas = read_betas(self.root, meta['mano_calib'][0])
                     seq = dict(name=name, subject=SUBJECTS[si], sequence=names[q], ycb_ids=[int(i) for i in meta['ycb_ids']],
                                grasp_ind=int(meta['ycb_grasp_ind']), side=str(meta['mano_sides'][0]), betas=betas,
@@ -358,6 +407,8 @@ class DexYCB(Dataset):
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise DexYCBError(p, f'corrupt or truncated npz ({type(e).__name__}: {e})') from None
         if j.shape != (1, 21, 3): raise DexYCBError(p, f'joint_3d has shape {j.shape}, expected (1, 21, 3)')
+        if j.dtype.kind not in 'uif' or not np.isfinite(j).all():
+            raise DexYCBError(p, 'joint_3d: non-finite or non-numeric values (a missing hand is all -1)')
         return j[0].astype(np.float64)
 
     def hand_validity(self) -> np.ndarray: # (num_frames_total,) bool, official order
@@ -622,6 +673,15 @@ def write_dexycb_fixture(root: str | os.PathLike, # folder to create (parents to
                 np.savez_compressed(d/LABEL_FMT.format(fr), seg=np.ascontiguousarray(seg), pose_y=pose_y, pose_m=pose_m,
                                     joint_3d=j3w, joint_2d=j2w)
     return root
+
+# %% ../../nbs/05a_data.dexycb.ipynb #675c87ab
+from fastcore.basics import patch
+
+@patch
+def object_model_points(self: DexYCB) -> dict[int, torch.Tensor]: # YCB id -> (model_points + V, 3) float32, object frame, metres
+    "Model points of every object in this split's sequences: samples of its `textured_simple.obj` surface."
+    ids = sorted({int(y) for s in self.sequences for y in s['ycb_ids']})
+    return {y: torch.as_tensor(self.object_points(y)) for y in ids}
 
 # %% ../../nbs/05a_data.dexycb.ipynb #d47b756f
 def dexycb_ground_truth(dataset: DexYCB) -> tuple[np.ndarray, np.ndarray]: # indices (M,), joints (M,21,3) mm

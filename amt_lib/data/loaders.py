@@ -11,7 +11,7 @@ from .augment import Augmenter
 from .cache import BatchSchedule, DeviceCache, CacheLoader
 
 # %% auto #0
-__all__ = ['build_dataset', 'BatchLoader', 'build_dataloaders']
+__all__ = ['build_dataset', 'ignore_stop_signals', 'BatchLoader', 'build_dataloaders']
 
 # %% ../../nbs/05c_data.loaders.ipynb #e62d0d2a
 def build_dataset(cfg, # run config
@@ -30,14 +30,22 @@ def build_dataset(cfg, # run config
                       crop_margin=d.crop_margin, mano_dir=cfg.model.mano_path, cache_dir=d.cache_dir, error_log=error_log)
     raise ValueError(f"unknown data.source {d.source!r}; expected 'synth' or 'dexycb'")
 
+# %% ../../nbs/05c_data.loaders.ipynb #ccb43b26
+def ignore_stop_signals(worker_id: int = 0, # the DataLoader worker's index (unused)
+                       ):
+    "`worker_init_fn` of the loaders: a data worker ignores SIGTERM and SIGINT (the main process stops the run)."
+    import signal
+    for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
+
 # %% ../../nbs/05c_data.loaders.ipynb #65c9a86f
 class BatchLoader:
     "A DataLoader over a dataset with a resumable batch schedule and batch-level augmentation."
     def __init__(self, dataset, batch_size: int, shuffle: bool = True, augment: Augmenter | None = None,
-                 num_workers: int = 0, seed: int = 0, drop_last: bool = True, device: str | torch.device | None = None):
+                 num_workers: int = 0, seed: int = 0, drop_last: bool = True, device: str | torch.device | None = None,
+                 hard_share: float = 0.0): # fraction of each epoch drawn by recorded error (`BatchSchedule`)
         self.dataset, self.augment, self.num_workers, self.seed = dataset, augment, num_workers, seed
         self.device = torch.device(device) if device is not None else None
-        self.schedule = BatchSchedule(len(dataset), batch_size, shuffle, seed, drop_last)
+        self.schedule = BatchSchedule(len(dataset), batch_size, shuffle, seed, drop_last, hard_share)
 
     def __len__(self): return len(self.schedule)
 
@@ -46,9 +54,11 @@ class BatchLoader:
         epoch, start = sch.epoch, sch.pos
         todo = [b.tolist() for b in sch.batches(epoch)[start:]]
         dl = DataLoader(self.dataset, batch_sampler=todo, num_workers=self.num_workers, collate_fn=default_collate,
+                        worker_init_fn=ignore_stop_signals if self.num_workers else None,
                         pin_memory=self.device is not None and self.device.type == 'cuda')
         for k, b in enumerate(dl):
             sch.pos = start + k + 1                                   # position saved before the batch is used
+            b['index'] = torch.tensor(todo[k])                         # (B,) positions in the data set (hard mining)
             if self.device is not None:
                 b = {key: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for key, v in b.items()}
             if self.augment is not None:
@@ -68,6 +78,7 @@ def build_dataloaders(cfg, # run config
                      ) -> tuple: # (train_dl, val_dl): BatchLoader or CacheLoader, each with `.source` (its data set)
     "Training and validation loaders of a run (device cache when `cfg.data.cache`)."
     d, bs = cfg.data, cfg.training.batch_size
+    hard = float(cfg.training.hard_mining_share) if cfg.training.hard_mining else 0.0   # training batches only
     log = lambda s: Path(run_dir)/'data'/f'errors_{s}.jsonl' if run_dir is not None and d.source == 'dexycb' else None
     train, val = build_dataset(cfg, d.train_split, log('train')), build_dataset(cfg, d.val_split, log('val'))
     aug = Augmenter.from_config(cfg)
@@ -78,7 +89,7 @@ def build_dataloaders(cfg, # run config
         kw = dict(cache_dir=d.cache_dir or (None if d.source == 'synth' else str(getattr(train, 'root', '')) + '/.amt_cache'),
                   device=d.cache_device, max_gb=d.cache_max_gb, max_samples=d.cache_max_samples,
                   with_maps=d.cache_maps, num_workers=d.num_workers)
-        return tag((CacheLoader(DeviceCache(train, **kw), bs, True, aug, cfg.seed, True),
+        return tag((CacheLoader(DeviceCache(train, **kw), bs, True, aug, cfg.seed, True, hard),
                     CacheLoader(DeviceCache(val, **kw), bs, False, None, cfg.seed, False)))
-    return tag((BatchLoader(train, bs, True, aug, d.num_workers, cfg.seed, True, device),
+    return tag((BatchLoader(train, bs, True, aug, d.num_workers, cfg.seed, True, device, hard),
                 BatchLoader(val, bs, False, None, d.num_workers, cfg.seed, False, device)))

@@ -818,6 +818,26 @@ class SynthHOI(Dataset):
                    depth=torch.from_numpy(depth), seg=torch.from_numpy(seg), verts=torch.from_numpy(sc['verts']).float())
         return out
 
+# %% ../../nbs/04_data.synthetic.ipynb #95969241
+from fastcore.basics import patch
+
+def _surface_points(V: np.ndarray, F: np.ndarray, n: int, seed: int) -> np.ndarray: # (n,3) float32
+    "n points on a triangle mesh's surface, area-weighted (uniform barycentric samples), seeded."
+    rng = np.random.default_rng(seed)
+    a, b, c = V[F[:, 0]], V[F[:, 1]], V[F[:, 2]]
+    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
+    t = rng.choice(len(F), n, p=area / area.sum())
+    u, v = rng.random(n), rng.random(n)
+    flip = u + v > 1; u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
+    return (a[t] + u[:, None] * (b[t] - a[t]) + v[:, None] * (c[t] - a[t])).astype(np.float32)
+
+@patch
+def object_model_points(self: SynthHOI, n: int = 4096, # points per object
+                       ) -> dict[int, torch.Tensor]: # YCB id -> (n,3) float32, object frame, metres
+    "Model points of every object class SynthHOI draws: `n` points on each primitive's surface."
+    prims = ycb_primitives()
+    return {c + 1: torch.from_numpy(_surface_points(prims.mesh[c][0], prims.mesh[c][2], n, seed=c)) for c in range(len(YCB_CLASSES))}
+
 # %% ../../nbs/04_data.synthetic.ipynb #9c2f63f1
 def bench_synthhoi(n:int=500,                     # samples to time
                    json_path:str|Path|None=None,  # write the results here as JSON

@@ -71,21 +71,39 @@ def _dist_any(flag: bool, device: torch.device) -> bool:
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
 
+def _cpu_copy(x: Any) -> Any:
+    "A copy of a nested state (dicts, lists, tensors) on the CPU that later training cannot change."
+    if isinstance(x, Tensor): return x.detach().to('cpu', copy=True)
+    if isinstance(x, dict): return {k: _cpu_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return type(x)(_cpu_copy(v) for v in x)
+    return copy.deepcopy(x)
+
 class NonFiniteCB(Callback):
-    "Skip batches whose loss (or gradient) is NaN/inf, count them per term, stop after `patience` in a row."
+    "Skip batches whose loss (or gradient) is NaN/inf, stop after `patience` in a row or when the weights explode; keep the last good state."
     order = -5
     state_key = 'nonfinite'
-    def __init__(self, patience: int = 5): self.patience, self.counts, self.in_a_row = patience, {}, 0
+    def __init__(self, patience: int = 5,
+                 keep_every: int = 0, # optimiser steps between weight checks, each passed one kept in memory as the last good state (0: off)
+                 snapshot: Callable[[], dict] | None = None, # () -> the state to keep (a checkpoint dict); None: model and EMA weights
+                 good_path: str | os.PathLike | None = None, # where a failed run writes its last good state (None: not written)
+                 max_weight: float = 1e4, # |w| (model or EMA) past this is divergence (checkpoint.WEIGHT_BOUND)
+                ):
+        self.patience, self.counts, self.in_a_row = patience, {}, 0
+        self.keep_every, self.snapshot, self.max_weight = keep_every, snapshot, max_weight
+        self.good_path = Path(good_path) if good_path is not None else None
+        self.good, self.kept = None, None   # (step, state) in memory; (step, path) written after a failure
+
+    def _fail(self, learn, reason: str):
+        learn.stop_reason, learn.failed = reason, True
+        raise CancelFitException()
 
     def _bad(self, learn, term: str, exc: type):
         self.counts[term] = self.counts.get(term, 0) + 1
         self.in_a_row += 1
         learn.nonfinite_counts = dict(self.counts)
         if self.patience and self.in_a_row >= self.patience:
-            learn.stop_reason = (f'non-finite {term} in {self.in_a_row} batches in a row (step {learn.step_count}, epoch '
-                                 f'{learn.epoch}, batch {learn.iter}); skipped so far: {self.counts}')
-            learn.failed = True
-            raise CancelFitException()
+            self._fail(learn, f'non-finite {term} in {self.in_a_row} batches in a row (step {learn.step_count}, epoch '
+                              f'{learn.epoch}, batch {learn.iter}); skipped so far: {self.counts}')
         raise exc()
 
     def after_loss(self, learn):
@@ -102,7 +120,34 @@ class NonFiniteCB(Callback):
         learn.opt.zero_grad(set_to_none=True)
         self._bad(learn, 'grad_norm', CancelStepException)
 
+    def weights_problem(self, learn) -> tuple[float, str | None]:
+        "(largest |w|, problem or None) of the model's and the EMA's weights (identical on every DDP rank: no collective)."
+        from amt_lib.learner.checkpoint import weight_stats
+        ema = getattr(learn, 'ema_model', None)
+        return weight_stats({'model': learn.raw_model.state_dict(), **({'ema': ema.state_dict()} if ema is not None else {})},
+                            self.max_weight)
+
+    def before_fit(self, learn): self.good, self.kept = None, None
     def after_step(self, learn): self.in_a_row = 0
+    def after_batch(self, learn):   # after the whole step (EMA, scheduler): a consistent state
+        if not (learn.stepped and self.keep_every) or (self.good is not None and learn.step_count % self.keep_every): return
+        top, problem = self.weights_problem(learn)
+        if problem: self._fail(learn, f'weights diverged by step {learn.step_count}: {problem}')
+        state = self.snapshot() if self.snapshot is not None else {
+            'model': learn.raw_model.state_dict(), 'step': learn.step_count,
+            'ema': getattr(getattr(learn, 'ema_model', None), 'state_dict', lambda: None)()}
+        self.good = (learn.step_count, _cpu_copy(state))
+
+    def after_cancel_fit(self, learn):
+        "A failed run: write the last good state (now, if the weights are still good, else the kept one) to `good_path`."
+        if not learn.failed or self.good_path is None: return
+        from amt_lib.learner.checkpoint import save_checkpoint
+        top, problem = self.weights_problem(learn)
+        if problem is None and self.snapshot is not None: step, state = learn.step_count, self.snapshot()
+        elif self.good is not None: step, state = self.good
+        else: return
+        save_checkpoint(state, self.good_path); self.kept = (step, self.good_path)
+
     def state_dict(self): return {'counts': dict(self.counts), 'in_a_row': self.in_a_row}
     def load_state_dict(self, sd): self.counts, self.in_a_row = dict(sd['counts']), int(sd['in_a_row'])
 
@@ -219,15 +264,30 @@ class EvalCB(Callback):
     def __init__(self, every: int = 100, # optimiser steps between validations (0: only at the end)
                  make_evaluator: Callable | None = None, # () -> object with update(preds, batch), compute() -> dict
                  dl=None, # default: learn.valid_dl
-                 use_ema: bool = True, at_end: bool = True):
+                 use_ema: bool = True, at_end: bool = True,
+                 obj_points: dict | str | None = 'auto', # YCB id -> (P,3) model points for ADD/ADD-S; 'auto': the validation data set's
+                ):
         self.every, self.make_evaluator, self.dl, self.use_ema, self.at_end = every, make_evaluator, dl, use_ema, at_end
-        self.last_step = -1
+        self.obj_points, self.last_step = obj_points, -1
+
+    def points(self, learn) -> dict | None:
+        "The object model points given, or (auto) those of the validation loader's data set (`.source.object_model_points()`)."
+        if self.obj_points == 'auto':
+            src = getattr(self.dl if self.dl is not None else learn.valid_dl, 'source', None)
+            self.obj_points = src.object_model_points() if callable(getattr(src, 'object_model_points', None)) else None
+        return self.obj_points
+
+    def evaluator(self, learn):
+        "A fresh evaluator; given the object model points (`obj_points=`) when there are any."
+        if self.make_evaluator is None: return None
+        pts = self.points(learn)
+        return self.make_evaluator(obj_points=pts) if pts else self.make_evaluator()
 
     def run(self, learn) -> dict:
         "Validate now; returns the metrics."
         t0 = time.perf_counter()
         model = getattr(learn, 'ema_model', None) if self.use_ema else None
-        ev = self.make_evaluator() if self.make_evaluator else None
+        ev = self.evaluator(learn)
         res = learn.validate(self.dl, model=model if model is not None else learn.raw_model, evaluator=ev)
         res['eval_seconds'] = time.perf_counter() - t0
         learn.val_metrics, self.last_step = res, learn.step_count
@@ -248,16 +308,17 @@ class StopCB(Callback):
     order = 60
     def __init__(self, max_steps: int | None = None, max_minutes: float | None = None, handle_signals: bool = True):
         self.max_steps, self.max_minutes, self.handle_signals = max_steps, max_minutes, handle_signals
-        self.signal, self._old = None, {}
+        self.signal, self._old, self.pid = None, {}, os.getpid()
 
     def _handler(self, signum, frame):
+        if os.getpid() != self.pid: return   # a forked child (a data worker) that inherited the handler: the parent decides
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and self.signal == 'SIGINT': raise KeyboardInterrupt()
         self.signal = name
         print(f'{name} received: finishing the current step, then saving and stopping (Ctrl-C again to abort now)', flush=True)
 
     def before_fit(self, learn):
-        self.t0, self.signal = time.monotonic(), None
+        self.t0, self.signal, self.pid = time.monotonic(), None, os.getpid()
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT): self._old[s] = signal.signal(s, self._handler)
 
@@ -312,7 +373,7 @@ class Recorder(Callback):
 def format_record(r: dict, total_steps: int | None = None, keys: Iterable[str] | None = None) -> str:
     "One log line: split, step (of total), epoch, then `key value` pairs (4 significant digits)."
     head = f"[{r['split']}] step {r['step']}" + (f"/{total_steps}" if total_steps else '') + f" ep {r['epoch']}"
-    ks = [k for k in (keys or r) if k in r and k not in ('split', 'step', 'epoch') and not k.startswith(('w_', 'lr/'))]
+    ks = [k for k in (keys or r) if k in r and k not in ('split', 'step', 'epoch') and not k.startswith(('w_', 'lr/', 'guard/grad_norm/'))]   # per-component norms: CSV/TB/W&B only
     lrs = [v for k, v in r.items() if k.startswith('lr/')]
     parts = [f'{k} {r[k]:.4g}' for k in ks if isinstance(r[k], (int, float))]
     if lrs: parts.append(f'lr {max(lrs):.3g}')
@@ -459,7 +520,7 @@ def plot_history(history: list[dict], # records of a run (learn.history or read_
     fig = Figure(figsize=(13, 3.6)); axs = fig.subplots(1, 3)
     tr = [r for r in history if r.get('split') == 'train']; va = [r for r in history if r.get('split') == 'val']
     skip = ('split', 'step', 'epoch', 'grad_norm', 'samples_per_s', 'skipped', 'minutes', 'eval_seconds')
-    terms = [k for k in (tr[-1] if tr else {}) if k not in skip and not k.startswith(('w_', 'lr/'))]
+    terms = [k for k in (tr[-1] if tr else {}) if k not in skip and not k.startswith(('w_', 'lr/', 'guard/'))]
     for k in terms:
         pts = [(r['step'], r[k]) for r in tr if isinstance(r.get(k), float) and math.isfinite(r[k]) and r[k] > 0]
         if pts: axs[0].plot(*zip(*pts), label=k, lw=2 if k == 'loss' else 1)

@@ -4,9 +4,9 @@
 
 # %% ../../nbs/08b_learner.checkpoint.ipynb #4f36d6ee
 from __future__ import annotations
-import os, shutil, math
+import errno, os, shutil, math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 import yaml
 import torch
 from omegaconf import OmegaConf, DictConfig
@@ -14,12 +14,65 @@ from .core import *
 from .callbacks import EMACB
 
 # %% auto #0
-__all__ = ['ARCH_IGNORE', 'CheckpointError', 'save_checkpoint', 'copy_checkpoint', 'load_checkpoint', 'config_mismatch',
-           'check_checkpoint_config', 'learner_state', 'restore_learner', 'CheckpointCB']
+__all__ = ['WEIGHT_BOUND', 'ARCH_IGNORE', 'CheckpointError', 'weight_stats', 'check_weights_finite', 'save_checkpoint',
+           'copy_checkpoint', 'load_checkpoint', 'clean_stale_tmp', 'require_checkpoint', 'load_model_state',
+           'config_mismatch', 'check_checkpoint_config', 'check_checkpoint_mano', 'learner_state', 'restore_learner',
+           'CheckpointCB', 'DiskBudgetError', 'checkpoint_bytes', 'free_bytes', 'periodic_kept', 'check_disk_budget']
 
 # %% ../../nbs/08b_learner.checkpoint.ipynb #eca92ad4
 class CheckpointError(RuntimeError):
-    "A checkpoint that cannot be used: missing, unreadable, or from another configuration."
+    "A checkpoint that cannot be used or written: missing, unreadable, another configuration, unusable weights, disk full."
+
+WEIGHT_BOUND = 1e4   # largest |w| a usable AMT model has (healthy ones stay below 10); past it a run has diverged
+
+def _float_tensors(state: Mapping, prefix: str = ''):
+    "(name, tensor) of every floating-point tensor in a (nested) state dict."
+    for k, v in state.items():
+        if isinstance(v, Mapping): yield from _float_tensors(v, f'{prefix}{k}.')
+        elif torch.is_tensor(v) and v.is_floating_point() and v.numel(): yield f'{prefix}{k}', v
+
+def weight_stats(state: Mapping, # a state dict (name -> tensor), nesting allowed
+                 bound: float = WEIGHT_BOUND, # largest allowed |w|
+                ) -> tuple[float, str | None]: # (largest |w|, what makes the weights unusable or None)
+    "The largest |w| of a state dict and its problem: non-finite values, or weights past `bound` (one device sync)."
+    named = list(_float_tensors(state))
+    if not named: return 0., None
+    dev = named[0][1].device
+    m = torch.stack([v.detach().abs().amax().float().to(dev) for _, v in named]).cpu()   # NaN and inf propagate
+    bad = (~torch.isfinite(m)).nonzero()
+    if len(bad):
+        k, v = named[int(bad[0])]
+        n = int((~torch.isfinite(v.detach())).sum())
+        return math.inf, f'non-finite weights: {k!r} has {n} NaN/inf value(s) of {v.numel()}'
+    i = int(m.argmax()); top = float(m[i])
+    if top > bound: return top, f'exploded weights: max |w| = {top:.3g} in {named[i][0]!r} (bound {bound:.0e}, a diverged run)'
+    return top, None
+
+def check_weights_finite(state: Mapping, # a state dict (name -> tensor)
+                         bound: float = WEIGHT_BOUND, # largest allowed |w|
+                         where: str = 'weights', # what the error names: the file and its entry
+                        ) -> float: # the largest |w|
+    "Raise `CheckpointError` naming `where` and the tensor when weights are not finite or past `bound`."
+    top, problem = weight_stats(state, bound)
+    if problem:
+        raise CheckpointError(f'{where}: {problem}; these weights cannot be used: take an earlier checkpoint '
+                              f'(a diverged run keeps checkpoints/last_good.pt) and lower training.lr')
+    return top
+
+def _free_space(d: Path) -> str:
+    try: b = shutil.disk_usage(d).free
+    except OSError: return 'unknown'
+    return f'{b / 2**30:.2f} GiB' if b >= 2**30 else f'{b / 2**20:.1f} MiB'
+
+_WRITE_FAILED = ('inline_container', 'unexpected pos', 'PytorchStreamWriter failed', 'enforce fail')
+
+def _write_error(path: Path, e: BaseException) -> CheckpointError | None:
+    "A `CheckpointError` saying 'disk full' for an out-of-space or failed write (errno or torch's zip writer), else None."
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if not (full or isinstance(e, RuntimeError) and any(s in str(e) for s in _WRITE_FAILED)): return None
+    kept = f'the previous {path.name} is intact' if path.exists() else f'no {path.name} was written'
+    return CheckpointError(f'disk full (or write failed) while writing {path}: {_free_space(path.parent)} free there; {kept}. '
+                           f'Free some space (old epoch_*.pt files, other runs) and resume ({type(e).__name__}: {str(e)[:120]})')
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     "`torch.save` to a temporary file beside `path`, fsync, then `os.replace`: never a half-written `path`."
@@ -30,30 +83,89 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
             torch.save(state, f)
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True); raise
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if (err := _write_error(path, e)) is not None: raise err from e
+        raise
     return path
 
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     "Atomic copy of a checkpoint file (temp file + `os.replace`)."
     dst = Path(dst); tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')
     try: shutil.copyfile(src, tmp); os.replace(tmp, dst)
-    except BaseException: tmp.unlink(missing_ok=True); raise
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if (err := _write_error(dst, e)) is not None: raise err from e
+        raise
     return dst
 
-def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
-    "A checkpoint dict on the CPU, read with `weights_only=True` (no pickled code runs)."
+def load_checkpoint(path: str | os.PathLike, weights_only: bool = True,
+                    check_weights: bool = True, # refuse `model`/`ema` weights that are not finite or past WEIGHT_BOUND
+                   ) -> dict:
+    "A checkpoint dict on the CPU, read with `weights_only=True` (no pickled code runs), its weights checked."
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f'checkpoint {path} does not exist' + (f'; files there: {sorted(p.name for p in path.parent.glob("*.pt"))}'
                                                                      if path.parent.exists() else ''))
-    try: return torch.load(path, map_location='cpu', weights_only=weights_only)
+    try: ck = torch.load(path, map_location='cpu', weights_only=weights_only)
     except Exception as e: raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
+    if check_weights and isinstance(ck, Mapping):
+        for k in ('model', 'ema'):
+            if isinstance(ck.get(k), Mapping): check_weights_finite(ck[k], where=f'checkpoint {path} ({k} weights)')
+    return ck
+
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def clean_stale_tmp(ckpt_dir: str | os.PathLike, # a checkpoints folder
+                    verbose: bool = True, # print one line when something was removed
+                   ) -> list[Path]: # the files removed
+    "Remove `.*.pt.tmp-<pid>` files left by a checkpoint write that was killed (not those of a live writer)."
+    d = Path(ckpt_dir)
+    if not d.is_dir(): return []
+    gone = []
+    for p in sorted(d.glob('.*.pt.tmp-*')):
+        pid = p.name.rsplit('-', 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)): continue   # another process is writing it
+        p.unlink(missing_ok=True); gone.append(p)
+    if gone and verbose:
+        print(f'removed {len(gone)} stale temporary checkpoint file(s) of an interrupted write from {d}: '
+              f'{", ".join(p.name for p in gone)}', flush=True)
+    return gone
+
+# %% ../../nbs/08b_learner.checkpoint.ipynb #dc490ee9
+def require_checkpoint(ckpt: Any, # what `load_checkpoint` returned
+                       path: str | os.PathLike = 'checkpoint', # named in the error
+                       keys: Iterable[str] = ('model', 'config'), # entries the caller needs
+                      ) -> dict:
+    "`ckpt` if it is an amt_lib checkpoint dict holding `keys`; else `CheckpointError` saying what the file holds."
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f'{path} holds a {type(ckpt).__name__}, not an amt_lib checkpoint (a dict with model weights and '
+                              f'config, written by amt train): give a checkpoints/last.pt or best.pt of a run')
+    missing = [k for k in keys if not ckpt.get(k)]
+    if missing:
+        raise CheckpointError(f'{path} holds no {" and no ".join(missing)} (entries: {sorted(map(str, ckpt))[:8]}): it was not '
+                              f'written by amt_lib.learner; give a checkpoints/last.pt or best.pt of a run')
+    return ckpt
+
+def load_model_state(model: nn.Module, state: Mapping, # state dict to load strictly
+                     path: str | os.PathLike = 'checkpoint'):
+    "`model.load_state_dict(state, strict=True)`, a mismatch raised as `CheckpointError` naming the first keys."
+    try: return model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
+        raise CheckpointError(f'the weights in {path} do not fit the model its config builds ({"; ".join(lines)[:400]}): '
+                              f'the file\'s config and weights disagree; use a checkpoint written by amt train') from None
+
 
 # %% ../../nbs/08b_learner.checkpoint.ipynb #47bb9ac5
 ARCH_IGNORE = ('model.compile', 'model.backbone.gradient_checkpointing', 'model.backbone.attn_implementation',
                'model.head_checkpoint_share', 'model.backbone.freeze_layers', 'model.backbone.pretrained',
-               'model.mano_path', 'model.dropout')
+               'model.mano_path', 'model.dropout', 'model.refine_from_epoch',
+               'model.compile_backend')
 
 def _flat(d: Any, prefix: str = '') -> dict:
     if isinstance(d, dict) and d: return {k2: v2 for k, v in d.items() for k2, v2 in _flat(v, f'{prefix}{k}.').items()}
@@ -76,12 +188,27 @@ def config_mismatch(saved: str | dict | DictConfig, # the checkpoint's config (Y
 
 def check_checkpoint_config(ckpt: dict, cfg: str | dict | DictConfig, path: str | os.PathLike = 'checkpoint'):
     "Raise `CheckpointError` naming every model-architecture key where the checkpoint's config differs from `cfg`."
-    if not ckpt.get('config'): raise CheckpointError(f'{path} holds no config: it was not written by amt_lib.learner')
+    require_checkpoint(ckpt, path, ('config',))
     diffs = config_mismatch(ckpt['config'], cfg)
     if diffs:
         lines = '\n'.join(f'  {k}: checkpoint {a!r}, config {b!r}' for k, a, b in diffs)
         raise CheckpointError(f'{path} was written for another model configuration; mismatched keys:\n{lines}\n'
                               f'use the config saved beside it (config.yaml) or overrides that match these keys')
+
+# %% ../../nbs/08b_learner.checkpoint.ipynb #8185bd93
+def check_checkpoint_mano(ckpt: Mapping, cfg: DictConfig, path: str | os.PathLike = 'checkpoint'):
+    "A changed `model.mano_path` must load the hand arrays the checkpoint's model holds; else `CheckpointError` naming both paths."
+    saved = _as_dict(ckpt['config'])['model']['mano_path']
+    if saved == cfg.model.mano_path: return
+    from amt_lib.hand_model import MANOLayer
+    mine = MANOLayer(cfg.model.mano_path).state_dict()
+    theirs = {k.split('.mano.', 1)[1]: v for k, v in ckpt['model'].items() if '.mano.' in k}
+    diff = [k for k, v in theirs.items() if k in mine and (mine[k].shape != v.shape or not torch.allclose(mine[k].to(v.dtype), v))]
+    if diff:
+        raise CheckpointError(f'{path} holds the hand model of model.mano_path={saved!r} (null: the generated hand); '
+                              f'model.mano_path={cfg.model.mano_path!r} loads other arrays ({", ".join(diff)}): '
+                              f'keep model.mano_path={saved!r}, or train from scratch with the new hand model')
+
 
 # %% ../../nbs/08b_learner.checkpoint.ipynb #16e65bac
 def learner_state(learn, **extra) -> dict:
@@ -103,7 +230,7 @@ def learner_state(learn, **extra) -> dict:
 
 def restore_learner(learn, ckpt: dict) -> dict:
     "Load a checkpoint into `learn` (strictly); returns `fit` arguments `start_epoch`, `start_iter`, `rng_state`."
-    learn.raw_model.load_state_dict(ckpt['model'], strict=True)
+    load_model_state(learn.raw_model, ckpt['model'])
     learn.opt.load_state_dict(ckpt['optimizer'])
     for cb in learn.cbs:
         k = getattr(cb, 'state_key', None)
@@ -122,16 +249,19 @@ def restore_learner(learn, ckpt: dict) -> dict:
 
 # %% ../../nbs/08b_learner.checkpoint.ipynb #4ef39f93
 class CheckpointCB(Callback):
-    "Save `last.pt`, `best.pt` (by `monitor`) and `epoch_NNN.pt` every `every_epochs` epochs into `ckpt_dir`, atomically."
+    "Save `last.pt`, `best.pt` (by `monitor`) and `epoch_NNN.pt` every `every_epochs` epochs (the latest `keep`) into `ckpt_dir`, atomically."
     order = 90
     state_key = 'best_metric'
     def __init__(self, ckpt_dir: str | os.PathLike,
                  every_epochs: int = 1, # 0: no per-epoch files
                  monitor: str = 'rr_mpjpe', mode: str = 'min',
                  extra_state: Callable[[], dict] | None = None, # () -> dict added to every checkpoint (config, commit, ...)
+                 keep: int | None = None, # keep at most this many epoch_NNN.pt (oldest deleted first); None: all
                 ):
         if mode not in ('min', 'max'): raise ValueError(f"mode={mode!r}: expected 'min' or 'max'")
+        if keep is not None and keep < 1: raise ValueError(f'training.keep_checkpoints={keep}: expected null (keep all) or >= 1')
         self.dir, self.every_epochs, self.monitor, self.mode, self.extra_state = Path(ckpt_dir), every_epochs, monitor, mode, extra_state
+        self.keep = keep
         self.best, self.pending, self.pending_best, self.saved_at = None, False, False, None
 
     def state_dict(self): return self.best
@@ -157,6 +287,67 @@ class CheckpointCB(Callback):
     def after_epoch(self, learn):
         self.save(learn)
         e = learn.epoch + 1
-        if self.every_epochs and e % self.every_epochs == 0: copy_checkpoint(self.last, self.dir/f'epoch_{e:03d}.pt')
+        if self.every_epochs and e % self.every_epochs == 0:
+            self.prune(room=1)                           # delete first: never more than `keep` periodic files on disk
+            copy_checkpoint(self.last, self.dir/f'epoch_{e:03d}.pt')
+    def periodic(self) -> list[Path]:
+        "The periodic checkpoints in the folder, oldest epoch first."
+        return sorted(self.dir.glob('epoch_[0-9]*.pt'), key=lambda p: int(p.stem.split('_')[1]))
+    def prune(self, room: int = 0) -> list[Path]:
+        "Delete the oldest `epoch_NNN.pt` until at most `keep - room` remain; returns the deleted files."
+        if self.keep is None: return []
+        files = self.periodic()
+        gone = files[:max(len(files) - (self.keep - room), 0)]
+        for p in gone: p.unlink(missing_ok=True)
+        return gone
     def after_fit(self, learn): self.save(learn)
     after_cancel_fit = after_fit
+
+# %% ../../nbs/08b_learner.checkpoint.ipynb #d1a2b3c4
+from ..config import ConfigError
+
+class DiskBudgetError(ConfigError):
+    "The disk of a run folder cannot hold the checkpoints the run will write."
+
+def checkpoint_bytes(model: torch.nn.Module, # the model (compiled / DDP wrappers are unwrapped)
+                     ema: bool = True, # the checkpoint also holds an EMA copy of the weights
+                    ) -> int: # bytes
+    "Estimated size of one training checkpoint: state dict (x2 with EMA) + AdamW's two moments per trainable parameter."
+    m = unwrap_model(model)
+    weights = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    moments = sum(2 * p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
+    return weights * (2 if ema else 1) + moments
+
+def free_bytes(path: str | os.PathLike) -> int:
+    "Free bytes on the file system of `path` (of its nearest existing parent)."
+    p = Path(path).absolute()
+    while not p.exists(): p = p.parent
+    return shutil.disk_usage(p).free
+
+def periodic_kept(epochs: int, every_epochs: int, keep: int | None) -> int:
+    "How many epoch_NNN.pt a run keeps at most: one every `every_epochs` of `epochs`, at most `keep` (None: all)."
+    n = epochs // every_epochs if every_epochs else 0
+    return n if keep is None else min(n, keep)
+
+def check_disk_budget(ckpt_dir: str | os.PathLike, # the run's checkpoints folder
+                      one: int, # bytes of one checkpoint (`checkpoint_bytes`)
+                      epochs: int, every_epochs: int, keep: int | None, # training.epochs, checkpoint_every_epochs, keep_checkpoints
+                      verbose: bool = True,
+                     ) -> dict:
+    "Print the most bytes the run's checkpoints take; raise `DiskBudgetError` when the disk cannot hold them."
+    ckpt_dir = Path(ckpt_dir)
+    periodic = periodic_kept(epochs, every_epochs, keep)
+    files = periodic + 2                                         # + best.pt + last.pt
+    need = one * (files + 1)                                     # + the temp file of a save in progress
+    have = sum(p.stat().st_size for p in ckpt_dir.glob('*.pt')) if ckpt_dir.exists() else 0
+    free = free_bytes(ckpt_dir) + have
+    gb = lambda b: f'{b / 1e9:.2f} GB'
+    msg = (f'checkpoints: at most {periodic} periodic + best + last (+1 being written) x {gb(one)} = {gb(need)} '
+           f'in {ckpt_dir}; {gb(free)} free there')
+    if verbose: print(msg, flush=True)
+    if need > free:
+        raise DiskBudgetError(f'run folder {ckpt_dir.parent}: its checkpoints need up to {gb(need)} ({files} files + 1 being '
+                              f'written, {gb(one)} each) but the disk has {gb(free)} free; free some space, choose another '
+                              f'--run-dir, or keep fewer files (training.keep_checkpoints={keep}, '
+                              f'training.checkpoint_every_epochs={every_epochs})')
+    return dict(one=one, periodic=periodic, files=files, need=need, free=free)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 import yaml
 from omegaconf import OmegaConf
-from ..config import load_config, parse_overrides, ConfigError
+from ..config import load_config, parse_overrides, validate_config, ConfigError
 from .callbacks import read_metrics
 
 # %% auto #0
@@ -106,6 +106,10 @@ def _parse_param(s: str) -> tuple[str, list]:
 
 def cli_sweep(argv: list[str] | None = None) -> int:
     "`amt sweep --preset P --param key=v1,v2 [--param ...] [--method grid|random] [--trials N] [--sweep-dir DIR] [--wandb-config F] [overrides]`."
+    from amt_lib.cli import run_command
+    return run_command('sweep', _sweep_command, argv)
+
+def _sweep_command(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog='amt sweep', description='Grid or random search over config values, run offline; '
                                  'or write a W&B sweep config (--wandb-config) for `wandb sweep`.')
     ap.add_argument('--preset', required=True)
@@ -118,15 +122,13 @@ def cli_sweep(argv: list[str] | None = None) -> int:
     ap.add_argument('--wandb-config', default=None, help='only write the W&B sweep YAML to this file')
     ap.add_argument('overrides', nargs='*', help='key=value overrides for every trial')
     a = ap.parse_args(argv)
-    try:
-        space = dict(_parse_param(p) for p in a.param)
-        if not space: raise ConfigError('give at least one --param key=v1,v2,...')
-        for t in sweep_trials(space, a.method, a.trials, a.seed): load_config(a.preset, a.overrides + trial_overrides(t))
-        if a.wandb_config:
-            Path(a.wandb_config).write_text(yaml.safe_dump(wandb_sweep_config(a.preset, space, a.method, f'val/{a.metric}', overrides=a.overrides), sort_keys=False))
-            print(f'wrote {a.wandb_config}: run `wandb sweep {a.wandb_config}` then `wandb agent <sweep id>`'); return 0
-        rows = run_sweep(a.preset, space, a.method, a.trials, a.overrides, a.sweep_dir, a.metric, a.seed)
-    except (ConfigError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr); return 2
+    space = dict(_parse_param(p) for p in a.param)
+    if not space: raise ConfigError('give at least one --param key=v1,v2,...')
+    for t in sweep_trials(space, a.method, a.trials, a.seed):                  # every trial's config, before the first one runs
+        validate_config(load_config(a.preset, a.overrides + trial_overrides(t)), 'train')
+    if a.wandb_config:
+        Path(a.wandb_config).write_text(yaml.safe_dump(wandb_sweep_config(a.preset, space, a.method, f'val/{a.metric}', overrides=a.overrides), sort_keys=False))
+        print(f'wrote {a.wandb_config}: run `wandb sweep {a.wandb_config}` then `wandb agent <sweep id>`'); return 0
+    rows = run_sweep(a.preset, space, a.method, a.trials, a.overrides, a.sweep_dir, a.metric, a.seed)
     print(Path(rows[0]['run_dir']).parent/'results.md' if rows else 'no trials')
     return 0 if any(r['status'] == 'ok' for r in rows) else 1

@@ -11,19 +11,22 @@ import torch
 from torch import nn
 from omegaconf import OmegaConf, DictConfig, ListConfig
 from ..config import (load_config, config_to_yaml, save_run_config, default_run_dir, git_commit, PACKAGE_DIR,
-                            ConfigError)
+                            ConfigError, validate_config, prepare_run_dir)
 from .core import *
 from .callbacks import *
 from .checkpoint import *
 from .distributed import *
+from .guards import guard_callbacks
 from ..models.amt import build_model
 from ..losses import AMTLoss
-from ..metrics import Evaluator
+from ..metrics import Evaluator, joint_errors
 from ..data.loaders import build_dataloaders
 
 # %% auto #0
-__all__ = ['VAL_LOG_KEYS', 'shard_batch', 'ResumableLoader', 'NonFiniteLossError', 'amt_predict', 'AMTObjective', 'total_steps',
-           'load_init_weights', 'build_learner', 'write_data_reports', 'train', 'cli_train']
+__all__ = ['VAL_LOG_KEYS', 'RESUME_REFUSED', 'RESUME_LR_KEYS', 'shard_batch', 'ResumableLoader', 'NonFiniteLossError',
+           'TrainingStopped', 'amt_predict', 'AMTObjective', 'total_steps', 'load_init_weights', 'scheduler_period',
+           'RefineSwitchCB', 'HardMiningCB', 'build_learner', 'check_resume', 'apply_resume_overrides',
+           'check_steps_left', 'write_data_reports', 'train', 'cli_train']
 
 # %% ../../nbs/08e_learner.train.ipynb #999fe235
 def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
@@ -56,7 +59,10 @@ class ResumableLoader:
 
 # %% ../../nbs/08e_learner.train.ipynb #81c17e59
 class NonFiniteLossError(RuntimeError):
-    "Training stopped: too many non-finite losses in a row (the last good state is in checkpoints/last.pt)."
+    "Training failed: non-finite losses in a row or exploded weights (the message names the last good state: checkpoints/last_good.pt)."
+
+class TrainingStopped(RuntimeError):
+    "Training stopped by SIGTERM or Ctrl-C after saving its checkpoint (`amt train` exits 0; a pipeline stage stops here)."
 
 def amt_predict(model: nn.Module, batch: dict) -> dict:
     "The AMT forward on a batch: `model(image, K)`."
@@ -80,13 +86,15 @@ def load_init_weights(model: nn.Module, cfg: DictConfig, paths: str | Iterable[s
     "Initialise `model` from checkpoint(s) (`training.init_from`): model config checked, weights loaded strictly, in order."
     if not paths: return model
     for p in ([paths] if isinstance(paths, str) else list(paths)):
-        ck = load_checkpoint(p)
+        ck = require_checkpoint(load_checkpoint(p), p)
         check_checkpoint_config(ck, cfg, p)
-        model.load_state_dict(ck['model'], strict=True)
+        check_checkpoint_mano(ck, cfg, p)
+        load_model_state(model, ck['model'], p)
     return model
 
-VAL_LOG_KEYS = ('loss', 'mpjpe', 'rr_mpjpe', 'pa_mpjpe', 'pa_auc', 'pck2d@10px', 'obj_pos_err', 'obj_rot_err_deg', 'obj_cls_acc',
-                'add', 'add_s', 'contact_f1', 'eval_seconds')   # the validation numbers printed (all go to metrics.csv, TB, W&B)
+VAL_LOG_KEYS = ('loss', 'mpjpe', 'rr_mpjpe', 'pa_mpjpe', 'pa_auc', 'pck2d@10px', 'spread_ratio', 'conf_spearman', 'conf_ause',
+                'obj_pos_err', 'obj_rot_err_deg', 'obj_cls_acc', 'add', 'add_s', 'add_auc', 'add_s_auc', 'add_recall@0.1d',
+                'contact_f1', 'eval_seconds')   # the validation numbers printed (all go to metrics.csv, TB, W&B)
 
 _ORDER_KEYS = ('seed', 'training.batch_size', 'training.accumulation', 'data.train_size', 'data.source', 'data.synth_seed')
 
@@ -95,6 +103,56 @@ def _order_warning(ck: dict, cfg: DictConfig) -> str | None:
     d = [f'{k} ({a!r} -> {b!r})' for k, a, b in config_mismatch(ck['config'], cfg, prefixes=('seed', 'training.', 'data.'), ignore=())
          if k in _ORDER_KEYS]
     return 'warning: resuming with other data-order settings: ' + ', '.join(d) if d else None
+
+# %% ../../nbs/08e_learner.train.ipynb #f1a2b3c2
+def scheduler_period(cfg: DictConfig, # uses training.T_0_epochs and training.T_0
+                     steps_per_epoch: int, # optimiser steps per epoch
+                    ) -> int: # T_0 in optimiser steps
+    "The first cosine warm-restart period: `training.T_0_epochs` x steps per epoch when set, else `training.T_0` steps."
+    tc = cfg.training
+    if tc.T_0_epochs is None: return int(tc.T_0)
+    if tc.T_0_epochs <= 0: raise ConfigError(f'training.T_0_epochs={tc.T_0_epochs}: expected a positive number of epochs or null')
+    return max(round(float(tc.T_0_epochs) * steps_per_epoch), 1)
+
+class RefineSwitchCB(Callback):
+    "Run the model's refinement steps from epoch `from_epoch` on (`model.refine_from_epoch`); log `refine` with each train record."
+    order = -15
+    def __init__(self, from_epoch: int = 0): self.from_epoch, self.on = int(from_epoch), True
+    def before_epoch(self, learn):
+        self.on = learn.epoch >= self.from_epoch
+        for m in (learn.raw_model, getattr(learn, 'ema_model', None)):
+            if m is not None: m.refine = self.on
+    def after_log(self, learn):
+        if learn.record.get('split') == 'train': learn.record['refine'] = int(self.on)
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    "`t` of every rank, concatenated (itself without torch.distributed)."
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return t
+    out = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+class HardMiningCB(Callback):
+    "Record each training sample's root-relative hand error (mm) by its `index` into `schedule` (hard-example mining)."
+    order = 46
+    state_key = 'hard_mining'
+    def __init__(self, schedule): self.schedule, self.pending, self.seen = schedule, [], 0   # a BatchSchedule with hard_share > 0
+    def after_loss(self, learn):
+        if not learn.training: return
+        b = learn.batch
+        err = joint_errors(learn.preds['pred_hand_joints'].detach().float(), b['hand_joints_3d'].float(), 'root').mean(-1)  # (B,) mm
+        idx, ok = b['index'].to(err.device), b['hand_valid'].reshape(-1).bool().to(err.device) & err.isfinite()
+        self.pending.append((_all_gather(idx), _all_gather(err), _all_gather(ok)))   # kept on the device: no sync per batch
+    def flush(self):
+        "Move the pending errors into the schedule's table."
+        for idx, err, ok in self.pending: self.schedule.record(idx[ok].cpu(), err[ok].cpu())
+        self.pending = []
+    def before_epoch(self, learn): self.seen = int((~self.schedule.errors.isnan()).sum())   # what this epoch's order is drawn from
+    def after_epoch(self, learn): self.flush()
+    def after_log(self, learn):   # samples with a recorded error when the epoch's order was drawn (0: a plain shuffle)
+        if learn.record.get('split') == 'train': learn.record['hard_mining/seen'] = self.seen
+    def state_dict(self): self.flush(); return self.schedule.mining_state()
+    def load_state_dict(self, d): self.schedule.load_mining_state(d)
 
 # %% ../../nbs/08e_learner.train.ipynb #e94d6adb
 def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None = None, callbacks: Iterable[Callback] = (),
@@ -119,25 +177,32 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
     train_dl = ResumableLoader(train_dl, rank, world_size)
     groups = param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module})
     opt = torch.optim.AdamW(groups, lr=tc.lr)
-    sched = make_scheduler(opt, tc.warmup_steps, tc.T_0, tc.T_mult, tc.min_lr)
+    T_0 = scheduler_period(cfg, _steps_per_epoch(len(train_dl), tc.accumulation))
+    sched = make_scheduler(opt, tc.warmup_steps, T_0, tc.T_mult, tc.min_lr)
     objective = AMTObjective(loss_module)
     learn = Learner(model, (train_dl, val_dl), objective, opt=opt, lr=tc.lr, predict_func=amt_predict)
     objective.learn = learn
     learn.run_dir, learn.cfg, learn.loss_module, learn.device, learn.dtype = run_dir, cfg, loss_module, device, dtype
-    learn.data_sources = sources
+    learn.data_sources, learn.T_0 = sources, T_0
     n_total = total_steps(cfg, len(train_dl))
     learn.total_steps = n_total
     resume_step = int(ckpt['step']) if ckpt else None
-    cbs = [DeviceCB(device), DDPCB(tc.ddp_find_unused), NonFiniteCB(tc.nan_patience), AccumulateCB(tc.accumulation),
+    nonfinite = NonFiniteCB(tc.nan_patience, tc.good_state_every, max_weight=WEIGHT_BOUND)
+    cbs = [DeviceCB(device), DDPCB(tc.ddp_find_unused), nonfinite, AccumulateCB(tc.accumulation),
            GradClipCB(tc.grad_clip), SchedulerCB(sched), StopCB(tc.max_steps, tc.max_minutes), Recorder(tc.log_every)]
     if dtype is not None: cbs.append(MixedPrecisionCB(device.type, dtype))
     if tc.ema_decay > 0: cbs.append(EMACB(tc.ema_decay, tc.ema_warmup, model))
+    cbs.append(RefineSwitchCB(cfg.model.refine_from_epoch))
+    if tc.guards and main: cbs += guard_callbacks(tc.log_every)   # mode-collapse alarm + gradient monitor (guard/* metrics)
+    if tc.hard_mining: cbs.append(HardMiningCB(train_dl.loader.schedule))
     if main:
         commit, cfg_yaml, model_args = git_commit(PACKAGE_DIR), config_to_yaml(cfg), OmegaConf.to_container(cfg.model, resolve=True)
         extra = lambda: {'config': cfg_yaml, 'commit': commit, 'model_args': model_args, 'loss': loss_module.state_dict()}
+        nonfinite.snapshot = lambda: learner_state(learn, **extra())   # the last good state, kept every good_state_every steps
+        nonfinite.good_path = run_dir/'checkpoints'/'last_good.pt'
         mode = progress_mode(lc.progress)
         cbs += [EvalCB(tc.eval_every, Evaluator),
-                CheckpointCB(run_dir/'checkpoints', tc.checkpoint_every_epochs, tc.monitor, 'min', extra),
+                CheckpointCB(run_dir/'checkpoints', tc.checkpoint_every_epochs, tc.monitor, 'min', extra, tc.keep_checkpoints),
                 CSVLogCB(run_dir/'metrics.csv', resume_step)]
         if mode != 'quiet': cbs.append(PrintLogCB(n_total, val_keys=VAL_LOG_KEYS))
         if mode == 'bar': cbs.append(ProgressCB(n_total))
@@ -152,6 +217,52 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
         learn.resume_pos = restore_learner(learn, ckpt)
         if ckpt.get('loss'): loss_module.load_state_dict(ckpt['loss'])
     return learn
+
+# %% ../../nbs/08e_learner.train.ipynb #78f804e2
+RESUME_REFUSED = ('training.freeze', 'loss.dynamic_weighting')   # they change the optimiser's parameter groups
+RESUME_LR_KEYS = ('training.lr', 'training.backbone_lr_mult', 'training.weight_decay')
+
+def check_resume(ckpt: Any, # what `load_checkpoint(path)` returned
+                 cfg: DictConfig, path: str | os.PathLike) -> dict:
+    "Before anything is built: the file is a full training checkpoint of this model and hand; keys that cannot change are refused."
+    require_checkpoint(ckpt, path, ('model', 'config', 'optimizer', 'sampler', 'rng'))
+    check_checkpoint_config(ckpt, cfg, path)
+    check_checkpoint_mano(ckpt, cfg, path)
+    bad = config_mismatch(ckpt['config'], cfg, prefixes=RESUME_REFUSED, ignore=())
+    if bad: raise ConfigError('cannot resume with another ' + ', '.join(f'{k} ({a!r} -> {b!r})' for k, a, b in bad) +
+                              f": they change the optimiser's parameter groups; resume {path} without them, or start a new run "
+                              f'with training.init_from={path}')
+    return ckpt
+
+def apply_resume_overrides(learn: Learner, ckpt: dict, cfg: DictConfig) -> list[str]:
+    "After restoring: put a new lr / backbone_lr_mult / weight decay into the optimiser groups and schedule; one line per changed key."
+    tc = cfg.training
+    diffs = config_mismatch(ckpt['config'], cfg, prefixes=('training.', 'logging.', 'loss.', 'data.', 'stages.'),
+                            ignore=_ORDER_KEYS + ('training.init_from',))
+    if any(k in RESUME_LR_KEYS for k, _, _ in diffs):
+        sched = learn.cb(SchedulerCB).sched
+        for i, g in enumerate(learn.opt.param_groups):
+            base = tc.lr * (tc.backbone_lr_mult if g['name'].split('.')[0] == 'backbone' else 1.0)
+            g['initial_lr'] = sched.base_lrs[i] = base
+            g['lr'] = base * sched.lr_lambdas[i](sched.last_epoch)
+            if not g['name'].endswith('.no_decay'): g['weight_decay'] = tc.weight_decay
+        sched._last_lr = [g['lr'] for g in learn.opt.param_groups]
+    how = lambda k: "set in the optimiser's groups and schedule after restoring" if k in RESUME_LR_KEYS else 'applied'
+    return [f'amt train: resume with {k} {a!r} -> {b!r} ({how(k)})' for k, a, b in diffs]
+
+def check_steps_left(learn: Learner, resume: str | os.PathLike | None = None):
+    "Refuse a run that would train no step (an empty data set, or a resumed run that is already at its end)."
+    done = learn.step_count if resume is not None else 0
+    if learn.total_steps - done > 0: return
+    tc = learn.cfg.training
+    if resume is not None:
+        why = (f'{resume} is at step {done} of {learn.total_steps}: raise training.epochs ({tc.epochs}) or '
+               f'training.max_steps ({tc.max_steps}) to train further')
+    else:
+        why = (f'{len(learn.train_dl)} full batches of training.batch_size={tc.batch_size} per epoch, training.epochs={tc.epochs}, '
+               f'training.max_steps={tc.max_steps}: check the data (data.source={learn.cfg.data.source}) and these keys')
+    raise ConfigError(f'nothing to train: {why}')
+
 
 # %% ../../nbs/08e_learner.train.ipynb #de1ce7d8
 def _close(learn: Learner):
@@ -174,24 +285,34 @@ def train(cfg: DictConfig, # the run's config (`load_config`)
           run_dir: str | os.PathLike | None = None, # default: runs/<preset>-<timestamp>, or the resumed run's directory
           resume: str | os.PathLike | None = None, # checkpoint to continue from (e.g. runs/X/checkpoints/last.pt)
           callbacks: Iterable[Callback] = (), # extra callbacks (a notebook's own plots, a debugging hook)
+          overwrite: bool = False, # start over in a `run_dir` that holds a run (its outputs are removed first)
          ) -> Path:
     "Train the AMT model described by `cfg`; returns the run directory."
     env = init_distributed()
     rank, world = env['rank'], env['world_size']
     owns_pg = world > 1
+    validate_config(cfg, 'train')
     ckpt = None
     if resume is not None:
-        ckpt = load_checkpoint(resume)
-        check_checkpoint_config(ckpt, cfg, resume)
+        ckpt = check_resume(load_checkpoint(resume), cfg, resume)
         if run_dir is None and Path(resume).parent.name == 'checkpoints': run_dir = Path(resume).parent.parent
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if rank == 0:
+        prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=overwrite)
         save_run_config(cfg, run_dir)
+        clean_stale_tmp(run_dir/'checkpoints')   # left by a run killed while writing a checkpoint
         if ckpt is not None and (w := _order_warning(ckpt, cfg)): print(w, flush=True)
     seed_everything(int(cfg.seed) + rank)
     learn = build_learner(cfg, run_dir, ckpt, callbacks, rank, world, env['local_rank'])
     try:
+        if ckpt is not None:
+            for line in apply_resume_overrides(learn, ckpt, cfg):
+                if rank == 0: print(line, flush=True)
+        check_steps_left(learn, resume)
         if rank == 0:
+            tc = cfg.training
+            check_disk_budget(run_dir/'checkpoints', checkpoint_bytes(learn.raw_model, ema=tc.ema_decay > 0),
+                              tc.epochs, tc.checkpoint_every_epochs, tc.keep_checkpoints)   # prints; refuses a too-small disk
             n = sum(p.numel() for p in learn.model.parameters()); nt = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)
             start = f" from step {ckpt['step']} ({resume})" if ckpt else ''
             print(f"amt train: {run_dir} | {learn.device} {learn.dtype or 'fp32'} x{world} | {n/1e6:.2f}M params ({nt/1e6:.2f}M trainable) | "
@@ -207,34 +328,46 @@ def train(cfg: DictConfig, # the run's config (`load_config`)
         if rank == 0: write_data_reports(learn)
         if owns_pg: cleanup_distributed()
     if learn.failed:
-        raise NonFiniteLossError(f"{learn.stop_reason}; the last good state is in {run_dir/'checkpoints'/'last.pt'}")
+        kept = learn.cb(NonFiniteCB).kept
+        raise NonFiniteLossError(f"{learn.stop_reason}; " + (f"the last good state (step {kept[0]}) is in {kept[1]}" if kept else
+                                 f"no good state was kept (the weights went bad before the first check); {run_dir/'checkpoints'} "
+                                 'holds only states that loading refuses'))
+    if (stop := learn.cb(StopCB)) is not None and stop.signal:
+        ckpt = run_dir/'checkpoints'/'last.pt'
+        raise TrainingStopped(f'{learn.stop_reason} at step {learn.step_count}; saved {ckpt}; continue with '
+                              f'amt train --resume {ckpt} (or train(cfg, resume=...))')
     return run_dir
 
 # %% ../../nbs/08e_learner.train.ipynb #ed3627b5
 def _config_for_resume(ckpt_path: str, preset: str | None, overrides: list[str]) -> DictConfig:
     "The config of a resumed run: `preset` + overrides, or (no preset) the checkpoint's own config + overrides."
     if preset is not None: return load_config(preset, overrides)
-    ck = load_checkpoint(ckpt_path)
+    ck = require_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d)/'resumed.yaml'; p.write_text(ck['config'])
         return load_config(p, overrides)
 
 def cli_train(argv: list[str] | None = None) -> int:
-    "`amt train --preset P [--run-dir DIR] [--resume CKPT] [key=value ...]`: train; 0 on success or a clean stop."
+    "`amt train --preset P [--run-dir DIR] [--resume CKPT | --overwrite] [key=value ...]`: 0 on success or a clean stop, 2 on a bad input."
+    from amt_lib.cli import run_command
+    return run_command('train', _train_command, argv)
+
+def _train_command(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog='amt train', description='Train the AMT model (one process, or every process of torchrun).')
     ap.add_argument('--preset', help='preset name or YAML path (optional with --resume: the checkpoint\'s config is used)')
     ap.add_argument('--run-dir', help='run directory (default runs/<preset>-<timestamp>, or the resumed run\'s)')
     ap.add_argument('--resume', help='checkpoint to continue from, e.g. runs/X/checkpoints/last.pt')
+    ap.add_argument('--overwrite', action='store_true', help='start over in a --run-dir that holds a run (removes its metrics, logs, checkpoints)')
     ap.add_argument('overrides', nargs='*', help='dotted key=value overrides, e.g. training.epochs=3')
     a = ap.parse_args(argv)
     if a.preset is None and a.resume is None: ap.error('give --preset (or --resume to continue a run)')
-    try:
-        cfg = _config_for_resume(a.resume, a.preset, a.overrides) if a.resume else load_config(a.preset, a.overrides)
-        train(cfg, a.run_dir, a.resume)
-    except (ConfigError, CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr); return 2
+    if a.resume and a.overwrite: ap.error('--resume continues a run, --overwrite starts it over: give one')
+    cfg = _config_for_resume(a.resume, a.preset, a.overrides) if a.resume else load_config(a.preset, a.overrides)
+    try: train(cfg, a.run_dir, a.resume, overwrite=a.overwrite)
     except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr); return 3
+        print(f'amt train: error: {e}', file=sys.stderr); return 3
+    except TrainingStopped as e:
+        print(f'amt train: {e}', flush=True); return 0
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr); return 130
     return 0

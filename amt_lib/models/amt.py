@@ -30,6 +30,7 @@ class AMT(nn.Module):
         super().__init__()
         self.backbone, self.hand_encoder, self.object_encoder = backbone, hand_encoder, object_encoder
         self.contact_encoder, self.refiner = contact_encoder, refiner
+        self.refine = True   # False: skip the refiner (training before model.refine_from_epoch; set by RefineSwitchCB)
 
     @property
     def components(self) -> dict[str, nn.Module]:
@@ -45,7 +46,8 @@ class AMT(nn.Module):
         tok = torch.cat(tokens, -1)                                    # (B,T,L·D)
         hand = self.hand_encoder(tok, K)
         obj = self.object_encoder(tok, K)
-        js, os_ = self.refiner(fmaps, K, hand['joints'], obj['pos'], hand['feat'], obj['feat'])
+        if self.refine: js, os_ = self.refiner(fmaps, K, hand['joints'], obj['pos'], hand['feat'], obj['feat'])
+        else: js, os_ = hand['joints'][:, None], obj['pos'][:, None]   # one "step": the coarse estimate
         joints, obj_pos = js[:, -1], os_[:, -1]
         con = self.contact_encoder(hand['feat'], joints, obj['feat'], obj_pos)
         return dict(
@@ -55,8 +57,7 @@ class AMT(nn.Module):
             pred_mano_trans=hand['trans'], pred_hand_verts=hand['verts'],
             pred_obj_pos_coarse=obj['pos'], pred_obj_pos=obj_pos, pred_obj_pos_steps=os_,
             pred_obj_rot=obj['rot'], pred_obj_logits=obj['logits'],
-            pred_contact_points=con['points'], pred_contact_logits=con['logits'], pred_contact_prob=con['prob'],
-            pred_contact_forces=con['forces'])
+            pred_contact_points=con['points'], pred_contact_logits=con['logits'], pred_contact_prob=con['prob'])
 
 # %% ../../nbs/06f_models.amt.ipynb #944ec8ed
 def build_model(cfg, # a config from `load_config` (uses `model` and `data.image_size`)
@@ -79,7 +80,7 @@ def build_model(cfg, # a config from `load_config` (uses `model` and `data.image
     if m.sigma_reparam:
         for n in COMPONENTS[1:]: apply_sigma_reparam(model.components[n])
     if m.sigma_reparam_backbone: apply_sigma_reparam(backbone)
-    if m.compile: model.compile()
+    if m.compile: model.compile(backend=m.compile_backend)
     return model
 
 # %% ../../nbs/06f_models.amt.ipynb #1636471d
@@ -142,18 +143,20 @@ def parameter_summary(model:nn.Module) -> ParameterSummary:
 # %% ../../nbs/06f_models.amt.ipynb #c4c8b6b4
 def cli_model(argv:list[str]|None=None) -> int:
     "`amt model summary [--preset P] [overrides...]`: print the parameter table (random weights, no download)."
-    from amt_lib.config import load_config, ConfigError
+    from amt_lib.cli import run_command
+    return run_command('model', _model_command, argv)
+
+def _model_command(argv:list[str]|None) -> int:
+    from amt_lib.config import load_config, validate_config
     ap = argparse.ArgumentParser(prog='amt model', description='Inspect the AMT model of a preset.')
     sub = ap.add_subparsers(dest='action', required=True)
     s = sub.add_parser('summary', help='parameter counts per component (builds the model with random weights)')
     s.add_argument('--preset', default='smoke', help='preset name or YAML path')
     s.add_argument('overrides', nargs='*', help='dotted key=value overrides')
     a = ap.parse_args(argv)
-    try: cfg = load_config(a.preset, a.overrides)
-    except ConfigError as e: print(f'error: {e}', file=sys.stderr); return 2
+    cfg = validate_config(load_config(a.preset, a.overrides), 'model')
     t0 = time.perf_counter()
-    try: model = build_model(cfg, pretrained=False)
-    except (ValueError, OSError) as e: print(f'error: {e}', file=sys.stderr); return 2
+    model = build_model(cfg, pretrained=False)
     bb = cfg.model.backbone
     print(f"AMT, preset {cfg.name}: backbone {bb.name or 'tiny random DINOv2'} (random weights for counting), "
           f"{model.backbone.embed_dim} wide, {len(model.backbone.dinov2.encoder.layer)} layers, "

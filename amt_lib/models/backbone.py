@@ -12,8 +12,8 @@ from transformers import Dinov2Config, Dinov2Model
 from transformers.utils import logging as hf_logging
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DINOV2_CONFIGS', 'BackboneWeightsError', 'tiny_dinov2_config', 'dinov2_config',
-           'load_dinov2', 'DinoBackbone', 'build_backbone']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DINOV2_CONFIGS', 'BackboneWeightsError', 'BackboneKeysError', 'tiny_dinov2_config',
+           'dinov2_config', 'strict_from_pretrained', 'load_dinov2', 'DinoBackbone', 'build_backbone']
 
 # %% ../../nbs/06_models.backbone.ipynb #608debf6
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,6 +29,9 @@ DINOV2_CONFIGS: dict[str, dict] = {
 
 class BackboneWeightsError(FileNotFoundError):
     "DINOv2 weights were asked for but are not on this machine."
+
+class BackboneKeysError(RuntimeError):
+    "A DINOv2 checkpoint whose parameter names or shapes do not match its architecture."
 
 def tiny_dinov2_config(hidden_size:int=192, # token width D
                        num_layers:int=4, # transformer layers
@@ -70,12 +73,31 @@ def _quiet(f, *args, **kwargs):
         hf_logging.set_verbosity(verbosity)
         if bars: hf_logging.enable_progress_bar()
 
+def strict_from_pretrained(src:str|Path, # a save_pretrained folder, or a model name in the HF cache
+                           **kwargs, # passed to `Dinov2Model.from_pretrained`
+                          ) -> Dinov2Model:
+    "`Dinov2Model.from_pretrained` that raises `BackboneKeysError` naming every missing, unexpected or mis-shaped key."
+    m, info = _quiet(Dinov2Model.from_pretrained, src, output_loading_info=True, **kwargs)
+    names = dict(missing_keys='missing keys (model parameter names)', unexpected_keys='unexpected keys (checkpoint names)',
+                 mismatched_keys='keys with the wrong shape', error_msgs='errors')
+    bad = {n: sorted(map(str, info.get(k) or ())) for k, n in names.items()}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        show = lambda v: ', '.join(v[:8]) + (f' ... ({len(v)} in all)' if len(v) > 8 else '')
+        raise BackboneKeysError(
+            f"DINOv2 weights {str(src)!r} do not match the Dinov2Model of their config.json: "
+            + '; '.join(f'{k}: {show(v)}' for k, v in bad.items())
+            + ". Expected a transformers Dinov2Model checkpoint with the Hub's parameter names (embeddings.cls_token, "
+              "encoder.layer.0.attention.attention.query.weight, ..., layernorm.weight): convert original DINOv2 weights with "
+              "transformers' convert_dinov2_to_hf.py, or download facebook/dinov2-* again.")
+    return m
+
 def load_dinov2(name:str|None, # HF model name or local folder; None -> tiny random config
                 pretrained:bool=True, # load weights (False: the named architecture, randomly initialised)
                 attn_implementation:str='sdpa', # sdpa | eager
                 tiny:dict|None=None, # kwargs of `tiny_dinov2_config` when name is None
                ) -> Dinov2Model:
-    "A `Dinov2Model`: pretrained from a folder or the HF cache, the named architecture at random, or a tiny random one."
+    "A `Dinov2Model`: pretrained from a folder or the HF cache (every key checked), the named architecture at random, or a tiny random one."
     if attn_implementation not in ('sdpa', 'eager'):
         raise ValueError(f'model.backbone.attn_implementation={attn_implementation!r}: expected sdpa or eager')
     if name is None or not pretrained:
@@ -85,13 +107,14 @@ def load_dinov2(name:str|None, # HF model name or local folder; None -> tiny ran
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p/'config.json').exists(): raise BackboneWeightsError(f'{p} has no config.json: not a save_pretrained folder. ' + _weights_help(name))
-        return _quiet(Dinov2Model.from_pretrained, p, attn_implementation=attn_implementation)
+        return strict_from_pretrained(p, attn_implementation=attn_implementation)
     if p.is_absolute() or name.startswith(('.', '~')):
         raise BackboneWeightsError(f'model.backbone.name={name!r} looks like a path but no such folder exists. ' + _weights_help(name))
-    try: return _quiet(Dinov2Model.from_pretrained, name, local_files_only=True, attn_implementation=attn_implementation)
+    try: return strict_from_pretrained(name, local_files_only=True, attn_implementation=attn_implementation)
     except (OSError, ValueError): pass
     if os.environ.get('HF_HUB_OFFLINE', '0') not in ('1', 'true', 'True'):
-        try: return _quiet(Dinov2Model.from_pretrained, name, attn_implementation=attn_implementation)
+        try: return strict_from_pretrained(name, attn_implementation=attn_implementation)
+        except BackboneKeysError: raise
         except Exception: pass
     raise BackboneWeightsError(_weights_help(name))
 
