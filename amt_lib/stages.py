@@ -292,13 +292,19 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
                  max_minutes: float | None = None, # per stage
                  stages: Sequence[str] = ('stage1', 'stage2', 'stage3', 'debugging'),
                  log_output: bool = True,
+                 resume: bool = False, # continue the pipeline in `run_dir`: finished stages are kept, the interrupted one resumes
                 ) -> dict:
     "Run the experiment notebooks in order, each from the previous one's checkpoint; write and return the summary."
     from amt_lib.config import git_commit, PACKAGE_DIR
     cfg = load_config(preset, list(overrides))   # fail fast on a bad key, before any notebook starts
     run_dir = Path(run_dir or f"runs/{cfg.name}-pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}").absolute()
+    args = dict(preset=str(preset), overrides=list(overrides), max_steps=max_steps, max_minutes=max_minutes, stages=list(stages))
+    if not resume and ((run_dir/'pipeline.json').exists() or any((run_dir/s).exists() for s in STAGE_NAMES.values())):
+        raise ConfigError(f'{run_dir} holds a pipeline run: continue it with `amt pipeline --resume {run_dir}` '
+                          '(or pass another --run-dir)')
     pipeline_disk_budget(preset, overrides, stages, run_dir)   # prints; refuses a disk that cannot hold every stage's files
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume: (run_dir/'pipeline.json').write_text(json.dumps(args, indent=2))   # what `--resume` continues
     nb_dir, t0 = experiments_dir(), time.time()
     s1 = run_dir/'stage1'   # stage 1 is optional: without it (and without an earlier one here) stage 2 starts from scratch
     handover = {'stage1': None, 'stage2': str(s1) if 'stage1' in stages or s1.exists() else None, 'stage3': str(run_dir/'stage2'/'checkpoints'/'best.pt'),
@@ -306,11 +312,19 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
     summary = dict(preset=str(preset), run_dir=str(run_dir), date=datetime.datetime.now().isoformat(timespec='seconds'),
                    commit=git_commit(PACKAGE_DIR), overrides=list(overrides), stages={})
     for st in stages:
+        f = run_dir/st/'summary.json'
+        if resume and st != 'debugging' and f.exists():
+            print(f'[pipeline] {st}: finished earlier, kept ({f})', flush=True)
+            summary['stages'][st] = json.loads(f.read_text()); continue
         params = dict(preset=str(preset), overrides=list(overrides), run_dir=str(run_dir), init_from=handover[st],
                       max_steps=max_steps, max_minutes=max_minutes, headless=True)
+        if st != 'debugging': params['resume'] = bool(resume)
         print(f'[pipeline] {st}: running {EXPERIMENTS[st]} -> {run_dir/(st + ".ipynb")}', flush=True)
-        run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params, log_output=log_output, cwd=run_dir)
-        f = run_dir/st/'summary.json'
+        try: run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params, log_output=log_output, cwd=run_dir)
+        except NotebookStopped as e:
+            print(f'[pipeline] {st} stopped by {e.signal}; its checkpoints are saved in {run_dir/st}; '
+                  f'continue with: amt pipeline --resume {run_dir}', flush=True)
+            raise
         if st != 'debugging':
             if not f.exists(): raise RuntimeError(f'{st} finished without writing {f}')
             summary['stages'][st] = json.loads(f.read_text())
@@ -433,7 +447,9 @@ def evaluate_weights(cfg: DictConfig, weights: str | os.PathLike, max_train_samp
     train_ds, val_ds = build_dataset(cfg, cfg.data.train_split), build_dataset(cfg, cfg.data.val_split)
     mean_hand = mean_root_relative_hand(train_ds, max_train_samples, int(cfg.seed), bs, nw)
     pts = val_ds.object_model_points() if callable(getattr(val_ds, 'object_model_points', None)) else None
-    s = hand_summary(model, torch.utils.data.DataLoader(val_ds, batch_size=bs, num_workers=nw), mean_hand, obj_points=pts)
+    from amt_lib.data.loaders import ignore_stop_signals
+    s = hand_summary(model, torch.utils.data.DataLoader(val_ds, batch_size=bs, num_workers=nw,
+                                                        worker_init_fn=ignore_stop_signals if nw else None), mean_hand, obj_points=pts)
     s['guards'] = _guards_near(Path(weights))
     return s
 
@@ -445,9 +461,10 @@ def run_stage(stage: int, # 1, 2 or 3
               max_steps: int | None = None, # per training run (stage 1: per component)
               max_minutes: float | None = None, # per stage (stage 1: split over its components)
               headless: bool | None = None, # True: plain log lines, no progress bars
+              resume: bool = False, # continue an interrupted stage in `run_dir`: finished runs are kept, the interrupted one resumes from its last.pt
              ) -> dict:
     "Train one stage of the recipe and return (and write to `<stage dir>/summary.json`) its summary."
-    from amt_lib.learner.train import train
+    from amt_lib.learner.train import train, NothingToTrain
     from amt_lib.learner.checkpoint import load_checkpoint
     base = load_config(preset, list(overrides))
     sdir = Path(run_dir)/STAGE_NAMES[stage]; sdir.mkdir(parents=True, exist_ok=True)
@@ -457,7 +474,12 @@ def run_stage(stage: int, # 1, 2 or 3
         ov = list(overrides) + extra + _limits(max_steps, minutes, headless)
         if init is not None: ov.append(f'training.init_from={json.dumps(str(init))}')
         cfg = load_config(preset, ov)
-        rd = train(cfg, out_dir)
+        last = out_dir/'checkpoints'/'last.pt'
+        if resume and last.exists():
+            print(f'[stage {stage}] resuming {out_dir} from {last}', flush=True)
+            try: rd = train(cfg, out_dir, resume=last)
+            except NothingToTrain: rd = out_dir          # it had finished: its checkpoints stand
+        else: rd = train(cfg, out_dir, overwrite=resume)   # resume: a run killed before its first save starts over
         ck = _final_checkpoint(rd)
         steps += int(load_checkpoint(rd/'checkpoints'/'last.pt').get('step', 0))
         return cfg, ck
@@ -622,8 +644,10 @@ def _train_command(argv: list[str] | None) -> int:
     ap2 = argparse.ArgumentParser(prog='amt train', description=f'Run stage {known.stage} of the recipe.')
     ap2.add_argument('--preset', default='smoke'); ap2.add_argument('--run-dir', default=None)
     ap2.add_argument('--max-steps', type=int); ap2.add_argument('--max-minutes', type=float)
+    ap2.add_argument('--resume', action='store_true', help='continue this stage in --run-dir from its last checkpoint')
     ap2.add_argument('overrides', nargs='*')
     a = ap2.parse_args(rest)
+    if a.resume and not a.run_dir: ap2.error('--resume needs --run-dir: the pipeline folder holding the interrupted stage')
     if known.stage in (2, 3) and known.init_from is None:
         ap2.error(f"--stage {known.stage} needs --init-from: {'stage 1 folder' if known.stage == 2 else 'stage 2 best.pt'}")
     validate_config(load_config(a.preset, a.overrides), 'train')       # before any stage work starts
@@ -631,7 +655,7 @@ def _train_command(argv: list[str] | None) -> int:
         require_checkpoint(load_checkpoint(known.init_from), known.init_from)
     run_dir = a.run_dir or f"runs/{load_config(a.preset).name}-pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     s = run_stage(known.stage, a.preset, a.overrides, run_dir, known.init_from, a.max_steps, a.max_minutes,
-                  headless=not sys.stdout.isatty())
+                  headless=not sys.stdout.isatty(), resume=a.resume)
     print(summary_table({STAGE_NAMES[known.stage]: s}))
     return 0
 
@@ -693,8 +717,19 @@ def _pipeline_command(argv: list[str] | None) -> int:
     ap.add_argument('--preset', default='cpu-demo'); ap.add_argument('--run-dir')
     ap.add_argument('--max-steps', type=int, help='per training run'); ap.add_argument('--max-minutes', type=float, help='per stage')
     ap.add_argument('--stages', default='stage1,stage2,stage3,debugging', help='comma-separated subset, in order')
+    ap.add_argument('--resume', metavar='DIR', help='continue the pipeline in DIR (finished stages kept; its pipeline.json gives the settings)')
     ap.add_argument('overrides', nargs='*')
     a = ap.parse_intermixed_args(argv)
+    if a.resume:
+        f = Path(a.resume)/'pipeline.json'
+        if not f.exists(): raise FileNotFoundError(f'{f} not found: --resume takes the folder of a pipeline run started by amt pipeline')
+        if a.overrides or a.run_dir: ap.error('--resume continues a run with its own settings: give no overrides or --run-dir')
+        p = json.loads(f.read_text())
+        validate_config(load_config(p['preset'], p['overrides']), 'train')
+        try: run_pipeline(p['preset'], a.resume, p['overrides'], p['max_steps'], p['max_minutes'], p['stages'], resume=True)
+        except NotebookStopped: return 0
+        except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1
+        return 0
     stages = [s.strip() for s in a.stages.split(',') if s.strip()]
     bad = [s for s in stages if s not in EXPERIMENTS]
     if bad or not stages: ap.error(f"--stages {a.stages!r}: unknown stage(s) {', '.join(bad) or '(none given)'}; "
@@ -703,5 +738,6 @@ def _pipeline_command(argv: list[str] | None) -> int:
     if a.max_minutes is not None and not a.max_minutes > 0: ap.error(f'--max-minutes {a.max_minutes}: expected a number > 0')
     validate_config(load_config(a.preset, a.overrides), 'train')
     try: run_pipeline(a.preset, a.run_dir, a.overrides, a.max_steps, a.max_minutes, stages)
+    except NotebookStopped: return 0     # a stop signal: the stage saved; the message says how to resume
     except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1
     return 0

@@ -212,3 +212,19 @@ def test_pipeline_refuses_a_disk_too_small(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert 'the pipeline keeps up to' in err and str(tmp_path/'p') in err
     assert not (tmp_path/'p'/'stage1.ipynb').exists()                            # refused before any notebook ran
+
+def test_pipeline_refuses_a_used_run_dir_and_resumes_the_interrupted_stage(pipeline_run, tmp_path):
+    run_dir, _ = pipeline_run
+    r = amt('pipeline', '--preset', 'smoke', '--run-dir', str(run_dir), '--max-steps', '3')
+    assert r.returncode == 2 and 'holds a pipeline run' in r.stderr and '--resume' in r.stderr, r.stderr[-2000:]
+    d = tmp_path/'copy'; shutil.copytree(run_dir, d)
+    # stage 3 was cut short: its summary is missing and it is at step 3 of what is now a 4-step stage (one smoke epoch)
+    (d/'stage3'/'summary.json').unlink(); (d/'summary.json').unlink()
+    p = json.loads((d/'pipeline.json').read_text()); p['max_steps'] = 4; (d/'pipeline.json').write_text(json.dumps(p))
+    r = amt('pipeline', '--resume', str(d))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '[pipeline] stage1: finished earlier, kept' in r.stdout and '[pipeline] stage2: finished earlier, kept' in r.stdout
+    assert f"resuming {d/'stage3'}" in r.stdout
+    s = json.loads((d/'summary.json').read_text())
+    assert s['stages']['stage3']['steps'] == 4 and s['stages']['stage1'] == json.loads((run_dir/'stage1'/'summary.json').read_text())
+    assert torch.load(d/'stage3'/'checkpoints'/'last.pt', weights_only=False)['step'] == 4

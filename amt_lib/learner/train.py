@@ -26,7 +26,7 @@ from ..data.loaders import build_dataloaders
 __all__ = ['VAL_LOG_KEYS', 'RESUME_REFUSED', 'RESUME_LR_KEYS', 'shard_batch', 'ResumableLoader', 'NonFiniteLossError',
            'TrainingStopped', 'amt_predict', 'AMTObjective', 'total_steps', 'load_init_weights', 'scheduler_period',
            'RefineSwitchCB', 'HardMiningCB', 'build_learner', 'check_resume', 'apply_resume_overrides',
-           'check_steps_left', 'write_data_reports', 'train', 'cli_train']
+           'NothingToTrain', 'check_steps_left', 'write_data_reports', 'train', 'cli_train']
 
 # %% ../../nbs/08e_learner.train.ipynb #999fe235
 def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
@@ -250,6 +250,9 @@ def apply_resume_overrides(learn: Learner, ckpt: dict, cfg: DictConfig) -> list[
     how = lambda k: "set in the optimiser's groups and schedule after restoring" if k in RESUME_LR_KEYS else 'applied'
     return [f'amt train: resume with {k} {a!r} -> {b!r} ({how(k)})' for k, a, b in diffs]
 
+class NothingToTrain(ConfigError):
+    "A run that would train no step: an empty data set, or a resumed run already at its end."
+
 def check_steps_left(learn: Learner, resume: str | os.PathLike | None = None):
     "Refuse a run that would train no step (an empty data set, or a resumed run that is already at its end)."
     done = learn.step_count if resume is not None else 0
@@ -261,7 +264,7 @@ def check_steps_left(learn: Learner, resume: str | os.PathLike | None = None):
     else:
         why = (f'{len(learn.train_dl)} full batches of training.batch_size={tc.batch_size} per epoch, training.epochs={tc.epochs}, '
                f'training.max_steps={tc.max_steps}: check the data (data.source={learn.cfg.data.source}) and these keys')
-    raise ConfigError(f'nothing to train: {why}')
+    raise NothingToTrain(f'nothing to train: {why}')
 
 
 # %% ../../nbs/08e_learner.train.ipynb #de1ce7d8
