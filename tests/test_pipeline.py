@@ -104,6 +104,7 @@ def test_rehearsal_keeps_every_h200_switch(rehearsal):
     assert c['model']['backbone']['gradient_checkpointing'] and c['model']['sigma_reparam'] and c['model']['refine_steps'] == 2
     assert c['data']['cache'] and c['data']['cache_device'] == 'cpu' and c['model']['backbone']['name'] is None
     assert c['training']['hard_mining'] and c['training']['T_0_epochs'] == 1 and c['training']['keep_checkpoints'] == 2
+    assert c['model']['compile'] and c['model']['compile_backend'] == 'eager'   # Dynamo capture; Inductor only on the GPU
 
 def test_rehearsal_checkpoints_and_pruning(rehearsal):
     run_dir, _, _ = rehearsal
