@@ -12,7 +12,8 @@ from torch import nn, Tensor
 # the one definition of spread and collapse lives in metrics, the guards (alarm, gradient monitor) in the learner
 from .metrics import (RunningStats, COLLAPSE_RATIO, NARROW_RATIO, HAND_POSE_MIN_STD, Spread, AMT_SPREADS,
                              DiversityReport, diversity_verdict, SpreadMeter)
-from .learner.guards import module_groups, grad_norms, ModeCollapseAlarm, GradientMonitor, _in_notebook
+from .learner.guards import module_groups, grad_norms, ModeCollapseAlarm, GradientMonitor
+from .learner.callbacks import _in_kernel
 
 # %% auto #0
 __all__ = ['HAND_BONES', 'to_device', 'model_device', 'run_model', 'as_output_dict', 'ActivationStats', 'ModelReport',
@@ -434,7 +435,7 @@ def is_headless() -> bool:
     "True without a live notebook front end: `AMT_HEADLESS`, no Jupyter kernel, a papermill run, or a non-interactive matplotlib backend."
     env = os.environ.get('AMT_HEADLESS')
     if env is not None: return env.strip().lower() not in ('', '0', 'false', 'no')
-    if not _in_notebook(): return True
+    if not _in_kernel(): return True
     if any('papermill' in c for c in _parent_cmdlines()): return True
     return False
 

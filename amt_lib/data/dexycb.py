@@ -13,15 +13,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from .augment import warp_images
 from .synthetic import (sample_scene, sample_appearance, render_scene, hand_rig, ycb_primitives,
-                                    axis_rotation, matrix_to_axis_angle_np, random_rotation)
+                                    axis_rotation, matrix_to_axis_angle_np, random_rotation, sample_surface)
 
 # %% auto #0
 __all__ = ['SUBJECTS', 'SERIALS', 'YCB_CLASSES', 'SEQUENCES_PER_SUBJECT', 'FRAME_W', 'FRAME_H', 'MAX_OBJECTS', 'COLOR_FMT',
            'DEPTH_FMT', 'LABEL_FMT', 'SETUPS', 'SPLITS', 'ROTATION_TOL', 'DexYCBError', 'split_selection',
            'resolve_root', 'read_yaml', 'read_intrinsics', 'read_betas', 'read_meta', 'read_labels',
-           'check_label_values', 'read_color', 'read_depth', 'read_obj', 'sample_surface', 'write_obj', 'ManoPCA',
-           'hand_crop_box', 'DexYCB', 'write_dexycb_fixture', 'dexycb_ground_truth', 'evaluate_hand_results',
-           'format_hand_eval', 'cli_eval_results']
+           'check_label_values', 'read_color', 'read_depth', 'read_obj', 'write_obj', 'ManoPCA', 'hand_crop_box',
+           'DexYCB', 'write_dexycb_fixture', 'dexycb_ground_truth', 'evaluate_hand_results', 'format_hand_eval',
+           'cli_eval_results']
 
 # %% ../../nbs/05a_data.dexycb.ipynb #22db816f
 SUBJECTS = ['20200709-subject-01', '20200813-subject-02', '20200820-subject-03', '20200903-subject-04',
@@ -209,18 +209,6 @@ def read_obj(path: Path) -> tuple[np.ndarray, np.ndarray]: # vertices (V,3) floa
     f = np.where(f > 0, f - 1, f + len(v))                                     # 1-based, negative = relative
     if f.size and (f.min() < 0 or f.max() >= len(v)): raise DexYCBError(path, 'face index out of range')
     return v, f
-
-def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int = 4096, seed: int = 0) -> np.ndarray: # (V+n,3)
-    "The vertices plus `n` area-weighted random points on the triangles (deterministic for a seed)."
-    if not len(faces): return verts.astype(np.float32)
-    rng = np.random.default_rng(seed)
-    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
-    if area.sum() <= 0: return verts.astype(np.float32)
-    t = rng.choice(len(faces), n, p=area / area.sum())
-    r1, r2 = np.sqrt(rng.random(n))[:, None], rng.random(n)[:, None]
-    pts = (1 - r1) * a[t] + r1 * (1 - r2) * b[t] + r1 * r2 * c[t]
-    return np.concatenate([verts, pts]).astype(np.float32)
 
 def write_obj(path: Path, verts: np.ndarray, faces: np.ndarray):
     "Write a minimal Wavefront OBJ (vertices in metres, 1-based triangles)."

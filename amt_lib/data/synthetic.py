@@ -18,7 +18,7 @@ __all__ = ['YCB_CLASSES', 'BOX', 'CYLINDER', 'ELLIPSOID', 'YCB_PRIMITIVES', 'FIN
            'vertex_normals', 'HandRig', 'hand_rig', 'sample_hand_style', 'finger_pose', 'axis_rotation',
            'matrix_to_axis_angle_np', 'sample_global_rotation', 'hand_crop_box', 'crop_K', 'project', 'press_distance',
            'YCBPrimitiveSet', 'ycb_primitives', 'random_rotation', 'sample_scene', 'sample_appearance', 'render_scene',
-           'SynthHOI', 'bench_synthhoi', 'cli_bench_synth']
+           'SynthHOI', 'sample_surface', 'bench_synthhoi', 'cli_bench_synth']
 
 # %% ../../nbs/04_data.synthetic.ipynb #f0790e6b
 YCB_CLASSES = ('002_master_chef_can', '003_cracker_box', '004_sugar_box', '005_tomato_soup_can',
@@ -821,22 +821,24 @@ class SynthHOI(Dataset):
 # %% ../../nbs/04_data.synthetic.ipynb #95969241
 from fastcore.basics import patch
 
-def _surface_points(V: np.ndarray, F: np.ndarray, n: int, seed: int) -> np.ndarray: # (n,3) float32
-    "n points on a triangle mesh's surface, area-weighted (uniform barycentric samples), seeded."
+def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int = 4096, seed: int = 0) -> np.ndarray: # (V+n,3)
+    "The vertices plus `n` area-weighted random points on the triangles (deterministic for a seed)."
+    if not len(faces): return verts.astype(np.float32)
     rng = np.random.default_rng(seed)
-    a, b, c = V[F[:, 0]], V[F[:, 1]], V[F[:, 2]]
+    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
-    t = rng.choice(len(F), n, p=area / area.sum())
-    u, v = rng.random(n), rng.random(n)
-    flip = u + v > 1; u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-    return (a[t] + u[:, None] * (b[t] - a[t]) + v[:, None] * (c[t] - a[t])).astype(np.float32)
+    if area.sum() <= 0: return verts.astype(np.float32)
+    t = rng.choice(len(faces), n, p=area / area.sum())
+    r1, r2 = np.sqrt(rng.random(n))[:, None], rng.random(n)[:, None]
+    pts = (1 - r1) * a[t] + r1 * (1 - r2) * b[t] + r1 * r2 * c[t]
+    return np.concatenate([verts, pts]).astype(np.float32)
 
 @patch
 def object_model_points(self: SynthHOI, n: int = 4096, # points per object
                        ) -> dict[int, torch.Tensor]: # YCB id -> (n,3) float32, object frame, metres
-    "Model points of every object class SynthHOI draws: `n` points on each primitive's surface."
+    "Model points of every object class SynthHOI draws: `n` points on each primitive's surface (`sample_surface` without the vertices)."
     prims = ycb_primitives()
-    return {c + 1: torch.from_numpy(_surface_points(prims.mesh[c][0], prims.mesh[c][2], n, seed=c)) for c in range(len(YCB_CLASSES))}
+    return {c + 1: torch.from_numpy(sample_surface(prims.mesh[c][0], prims.mesh[c][2], n, seed=c)[len(prims.mesh[c][0]):]) for c in range(len(YCB_CLASSES))}
 
 # %% ../../nbs/04_data.synthetic.ipynb #9c2f63f1
 def bench_synthhoi(n:int=500,                     # samples to time

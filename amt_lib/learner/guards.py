@@ -11,6 +11,7 @@ import torch
 from torch import nn, Tensor
 from ..metrics import AMT_SPREADS, COLLAPSE_RATIO, Spread, SpreadMeter
 from .core import Callback
+from .callbacks import _in_kernel
 
 # %% auto #0
 __all__ = ['module_groups', 'grad_norms', 'dead_parameters', 'ModeCollapseAlarm', 'GradientMonitor', 'guard_callbacks',
@@ -47,13 +48,6 @@ def _learn_step(learn, default: int) -> int:
         v = getattr(learn, k, None)
         if isinstance(v, int) and not isinstance(v, bool): return v
     return default
-
-def _in_notebook() -> bool:
-    "Running in a Jupyter kernel with a front end (a ZMQ shell)?"
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None and type(get_ipython()).__name__ == 'ZMQInteractiveShell'
-    except ImportError: return False
 
 def _train_record(learn) -> dict | None:
     "The learner's current record when it is a training one (the guards add their numbers to those)."
@@ -116,7 +110,7 @@ class ModeCollapseAlarm(Callback):
 
     def after_epoch(self, learn):
         "Refresh the live plot once per epoch (when plotting is on and a display is available)."
-        if self.plot_live and self.history and _in_notebook(): self.show()
+        if self.plot_live and self.history and _in_kernel(): self.show()
 
     def plot(self, ax=None):
         "The spread ratio over training steps, alarms marked with red triangles."
