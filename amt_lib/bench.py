@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_bench.ipynb #d15409f5
 from __future__ import annotations
-import argparse, datetime, gc, json, math, os, platform, resource, signal, statistics, subprocess, sys, tempfile, threading, time
+import argparse, contextlib, copy, datetime, gc, hashlib, io, json, math, os, platform, resource, signal, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
@@ -13,11 +13,12 @@ from .config import load_config, config_to_yaml, config_from_yaml, validate_conf
 from .debugging import to_device
 
 # %% auto #0
-__all__ = ['H200_BF16_DENSE_PEAK', 'BF16_DENSE_PEAKS', 'GPU_CHECK_SIZES', 'GPU_CHECK_PARTS', 'PIPELINE_STAGES', 'time_it',
-           'device_name', 'peak_memory_mb', 'flops_per_sample', 'bench_training', 'bench_inference', 'bench_loader',
-           'compiled_vs_eager', 'run_benchmarks', 'bench_table', 'cli_bench', 'bf16_peak_flops',
-           'model_flops_utilisation', 'PartTimeout', 'run_in_time', 'run_child', 'gpu_check_rows', 'gpu_check',
-           'cli_gpu_check']
+__all__ = ['SECTIONS', 'YARDSTICKS', 'H200_BF16_DENSE_PEAK', 'BF16_DENSE_PEAKS', 'GPU_CHECK_SIZES', 'GPU_CHECK_PARTS',
+           'PIPELINE_STAGES', 'BARE_LOOP_WORK', 'time_it', 'device_name', 'peak_memory_mb', 'flops_per_sample',
+           'bench_training', 'bench_inference', 'bench_loader', 'compiled_vs_eager', 'run_benchmarks', 'bench_table',
+           'cli_bench', 'bf16_peak_flops', 'model_flops_utilisation', 'PartTimeout', 'run_in_time', 'run_child',
+           'gpu_check_rows', 'gpu_check', 'cli_gpu_check', 'PlainCNN', 'plain_cnn_loss', 'train_plain_cnn',
+           'amt_hand_run', 'learner_overhead', 'stage_flops', 'stage_flops_table']
 
 # %% ../nbs/12_bench.ipynb #7fba52b6
 def _sync(device: torch.device | str):
@@ -164,11 +165,17 @@ def _synthetic_batch(cfg, batch_size: int, device) -> dict:
     n = len(ds)
     return to_device(default_collate([ds[i % n] for i in range(batch_size)]), device)
 
+SECTIONS = ('train', 'infer', 'data', 'attention', 'compile')           # what `amt bench` measures by default
+YARDSTICKS = ('plain_cnn', 'overhead', 'stage_flops')                  # issue 17's parts (below): only when asked for, minutes on CPU
+
 def run_benchmarks(preset: str = 'smoke', overrides: Sequence[str] = (), # the model and data to measure
-                   sections: Sequence[str] = ('train', 'infer', 'data', 'attention', 'compile'),
+                   sections: Sequence[str] = SECTIONS, # some of SECTIONS + YARDSTICKS
                    train_batch: int | None = None, # default: training.batch_size of the preset
                    infer_batch: int | None = None, # throughput batch; default 64 on CUDA, 16 on CPU
                    steps: int = 5, iters: int = 10, compile_timeout_s: float = 300., device: str = 'auto',
+                   plain_steps: int = 768, # plain_cnn: optimiser steps of the plain CNN
+                   overhead_steps: int | None = None, # overhead: steps of each loop; None: one epoch of the preset
+                   overhead_stage: int = 2, # overhead: the recipe stage whose config is timed (2 or 3; 0: the preset as it is)
                    log: Callable[[str], Any] = print) -> dict:
     "Measure every figure of the table above for `preset` + `overrides`; returns the record as a dict."
     from amt_lib.models.amt import build_model
@@ -184,9 +191,10 @@ def run_benchmarks(preset: str = 'smoke', overrides: Sequence[str] = (), # the m
                threads=torch.get_num_threads(), figures=[], details={})
     F, D = rec['figures'], rec['details']
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(dev)
-    D['parameters'] = sum(p.numel() for p in model.parameters())
+    if set(sections) & {'train', 'infer', 'attention', 'compile'}:      # the yardsticks build their own models
+        torch.manual_seed(0)
+        model = build_model(cfg).to(dev)
+        D['parameters'] = sum(p.numel() for p in model.parameters())
     if 'train' in sections:
         log(f'training throughput: batch {train_batch}, {steps} steps ...')
         loss = AMTLoss(cfg).to(dev)
@@ -247,6 +255,42 @@ def run_benchmarks(preset: str = 'smoke', overrides: Sequence[str] = (), # the m
                              'DexYCB reader + DataLoader', cb['dataloader_samples_per_s'], note=f"{cb['samples']} fixture frames, cache on {cb['device']}"))
         except Exception as e:
             F.append(_figure('DexYCB fixture via the device cache', None, 'samples/s', note=f'not measured: {type(e).__name__}: {e}'))
+    if 'stage_flops' in sections:
+        log('training FLOPs of every run of the recipe ...')
+        rows = D['stage_flops'] = stage_flops(preset, overrides, str(dev), log=log)
+        for r in rows:
+            per = f" x {r['train_flops_per_sample'] / 1e9:.3f} GFLOP" if r['run'] != 'total' else ''
+            F.append(_figure(f"training FLOPs, {'run ' + r['run'] + ' of the recipe' if r['run'] != 'total' else 'whole recipe'}",
+                             None if r['train_flops'] is None else r['train_flops'] / 1e12, 'TFLOP',
+                             note=f"{r['steps']} steps, {r['samples']} samples{per}"))
+    if 'plain_cnn' in sections:
+        log(f'plain CNN: {plain_steps} steps on the training batches of {preset} ...')
+        p = D['plain_cnn'] = train_plain_cnn(cfg, plain_steps, device=str(dev), log=log)
+        F.append(_figure(f"plain CNN rr-MPJPE after {p['steps']} steps of {p['batch_size']}", p['rr_mpjpe'], 'mm', 'mean-pose baseline',
+                         p['mean_pose_rr_mpjpe'], note=f"PA-MPJPE {p['pa_mpjpe']:.1f} mm, {p['n_val']} validation frames; "
+                         f"{p['params'] / 1e6:.2f}M parameters; trained in {p['seconds'] / 60:.1f} min at {p['samples_per_s']:.0f} samples/s"))
+        F.append(_figure('plain CNN training throughput', p['samples_per_s'], 'samples/s', note=f"{p['samples']} samples in {p['seconds']:.0f} s, with data"))
+        F.append(_figure('plain CNN training FLOPs per sample', p['flops_per_sample'] / 1e9, 'GFLOP', note='forward+backward, FlopCounterMode'))
+        log(f"AMT: the recipe's stage-1 hand run of {preset} on the same {p['samples']:,d} samples ...")
+        a = D['amt_hand'] = amt_hand_run(preset, overrides, p['samples'])
+        F.append(_figure(f"AMT hand run rr-MPJPE after {a['samples']:,d} samples ({a['steps']} steps of {a['batch_size']})", a['rr_mpjpe'], 'mm',
+                         'plain CNN, same samples', p['rr_mpjpe'], note=f"PA-MPJPE {a['pa_mpjpe']:.1f} mm (plain CNN {p['pa_mpjpe']:.1f}); "
+                         f"trained {a['train_minutes']:.1f} min at {a['samples_per_s']:.0f} samples/s"))
+    if 'overhead' in sections:
+        from amt_lib.stages import stage_config
+        if overhead_stage not in (0, 2, 3): raise ConfigError(f'overhead stage {overhead_stage}: expected 2, 3 or 0 (the preset as it is)')
+        ov = list(overrides) + [f'training.device={dev}']
+        ocfg = load_config(preset, ov) if overhead_stage == 0 else stage_config(preset, ov, overhead_stage)
+        log(f"learner overhead: {preset}{f' stage {overhead_stage}' if overhead_stage else ''}, "
+            f"{overhead_steps or 'one epoch of'} steps, Learner and bare loop interleaved ...")
+        o = D['overhead'] = learner_overhead(ocfg, overhead_steps)
+        top = ', '.join(f'{k} {v:.2f}' for k, v in [kv for kv in o['callback_ms_per_step'].items() if kv[0] not in BARE_LOOP_WORK][:3])
+        F.append(_figure(f"Learner step, all default callbacks ({'stage ' + str(overhead_stage) if overhead_stage else 'preset'} config)",
+                         o['learner_step_ms'], 'ms', 'bare PyTorch loop', o['bare_step_ms'],
+                         note=f"{o['steps']} interleaved steps of batch {o['batch_size']} (validation every {o['eval_every']}): "
+                              f"{o['learner_samples_per_s']:.1f} vs {o['bare_samples_per_s']:.1f} samples/s; target ratio <= 1.10; "
+                              f"costliest callbacks (ms a step): {top}; after the last step {o['fit_end_s']:.1f} s "
+                              f"(ratio with it {o['ratio_whole_fit']:.2f})"))
     F.append(_figure('peak memory, whole run', peak_memory_mb(dev), 'MB', note='CUDA max allocated' if dev.type == 'cuda' else 'process peak RSS'))
     return rec
 
@@ -261,7 +305,7 @@ def bench_table(rec: Mapping) -> str:
     return '\n'.join(rows)
 
 def cli_bench(argv: list[str] | None = None) -> int:
-    "`amt bench [--preset smoke] [--json FILE] [--only train,infer,...] [overrides...]`: print and write the figures."
+    "`amt bench [--preset smoke] [--json FILE] [--only train,infer,...|plain_cnn,overhead,stage_flops] [overrides...]`: print and write the figures."
     from amt_lib.cli import run_command
     return run_command('bench', _bench_command, argv)
 
@@ -270,22 +314,27 @@ def _bench_command(argv: list[str] | None) -> int:
                                  'and memory, each beside its baseline in the same run.')
     ap.add_argument('--preset', default='smoke')
     ap.add_argument('--json', default=None, help='write the record here')
-    ap.add_argument('--only', default='train,infer,data,attention,compile', help='comma-separated sections')
+    ap.add_argument('--only', '--parts', dest='only', default=','.join(SECTIONS),
+                    help=f"comma-separated sections: {', '.join(SECTIONS)} (the default) and {', '.join(YARDSTICKS)}")
     ap.add_argument('--train-batch', type=int, default=None); ap.add_argument('--infer-batch', type=int, default=None)
     ap.add_argument('--steps', type=int, default=5); ap.add_argument('--iters', type=int, default=10)
     ap.add_argument('--compile-timeout', type=float, default=300.); ap.add_argument('--device', default='auto')
+    ap.add_argument('--plain-steps', type=int, default=768, help='plain_cnn: optimiser steps of the plain CNN')
+    ap.add_argument('--overhead-steps', type=int, default=None, help='overhead: steps of each loop (default: one epoch)')
+    ap.add_argument('--overhead-stage', type=int, default=2, help='overhead: time the config of recipe stage 2 or 3 (0: the preset as it is)')
     ap.add_argument('overrides', nargs='*', help='dotted config overrides')
     a = ap.parse_args(argv)
     secs = [s.strip() for s in a.only.split(',') if s.strip()]
-    bad = set(secs) - {'train', 'infer', 'data', 'attention', 'compile'}
-    if bad: raise ConfigError(f'--only: unknown section(s) {sorted(bad)}; sections are train, infer, data, attention, compile')
-    for k in ('train_batch', 'infer_batch', 'steps', 'iters'):
+    bad = set(secs) - set(SECTIONS + YARDSTICKS)
+    if bad: raise ConfigError(f"--only: unknown section(s) {sorted(bad)}; sections are {', '.join(SECTIONS + YARDSTICKS)}")
+    if a.overhead_stage not in (0, 2, 3): raise ConfigError(f'--overhead-stage {a.overhead_stage}: expected 2, 3 or 0 (the preset as it is)')
+    for k in ('train_batch', 'infer_batch', 'steps', 'iters', 'plain_steps', 'overhead_steps'):
         if getattr(a, k) is not None and getattr(a, k) < 1: raise ConfigError(f"--{k.replace('_', '-')} {getattr(a, k)}: expected an integer >= 1")
     from amt_lib.inference import resolve_device
     resolve_device(a.device)                                                  # a device that is not there: named now
     validate_config(load_config(a.preset, a.overrides), 'bench')               # before anything is built
     rec = run_benchmarks(a.preset, a.overrides, secs, a.train_batch, a.infer_batch, a.steps, a.iters,
-                         a.compile_timeout, a.device, log=lambda s: print(s, flush=True))
+                         a.compile_timeout, a.device, a.plain_steps, a.overhead_steps, a.overhead_stage, log=lambda s: print(s, flush=True))
     print(bench_table(rec))
     if a.json:
         p = Path(a.json); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(rec, indent=1))
@@ -393,12 +442,14 @@ PIPELINE_STAGES = ('stage1', 'stage2', 'stage3', 'debugging')
 def _reset_peak(device: torch.device):
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
 
-def _model_and_loss(cfg, device: torch.device):
+def _model_and_loss(cfg, device: torch.device,
+                    pretrained: bool | None = None, # False: the backbone's architecture with random weights (no download); None: model.backbone.pretrained
+                   ):
     "The preset's model and its loss `(out, batch) -> dict` on `device`."
     from amt_lib.models.amt import build_model
     from amt_lib.losses import AMTLoss
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, pretrained=pretrained).to(device)
     loss = AMTLoss(cfg).to(device)
     return model, (lambda out, batch: loss(out, batch, model=model))
 
@@ -671,3 +722,293 @@ def _gpu_check_command(argv: list[str] | None) -> int:
         with open(a.record, 'a') as fh: fh.write(rec['record_rows'] + '\n')
         print(f'appended the rows to {a.record}')
     return 0 if rec['ok'] else 1
+
+# %% ../nbs/12_bench.ipynb #aa98ebf0
+class PlainCNN(nn.Module):
+    "The issue-17 yardstick: five stride-2 conv blocks, global average pooling and an MLP regressing the 21 root-relative joints."
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128, 192), # output channels of the five stride-2 blocks
+                 hidden: int = 256, # width of the MLP's hidden layer
+                 extra_conv: bool = True, # a stride-1 conv3x3 + BN + ReLU in every block: 913,327 parameters instead of 384,847
+                ):
+        super().__init__()
+        from amt_lib.models.backbone import IMAGENET_MEAN, IMAGENET_STD
+        def cbr(i, o, s): return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+        layers, c_in = [], 3
+        for c in channels: layers += cbr(c_in, c, 2) + (cbr(c, c, 1) if extra_conv else []); c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 21 * 3))
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: Tensor, # (B,3,H,W) float 0..1, as the AMT model takes it
+                K: Tensor | None = None, # (B,3,3) unused: the AMT model's call signature
+               ) -> dict: # pred_hand_joints (B,21,3): root-relative joints, metres
+        x = self.features((image - self.mean) / self.std)           # (B,C,H/32,W/32)
+        return {'pred_hand_joints': self.head(x.mean((2, 3))).view(-1, 21, 3)}
+
+def plain_cnn_loss(out: Mapping, # the model's output: pred_hand_joints (B,21,3) root-relative, metres
+                   batch: Mapping, # hand_joints_3d (B,21,3) camera frame, metres; hand_valid (B,)
+                  ) -> Tensor: # scalar, metres
+    "L1 between the predicted and the true root-relative joints (`amt_lib.stages.root_relative`) of the valid hands."
+    from amt_lib.stages import root_relative
+    pred = out['pred_hand_joints']
+    v = torch.as_tensor(batch['hand_valid']).bool().reshape(-1).to(pred.device)
+    if not v.any(): return pred.sum() * 0.
+    return nn.functional.l1_loss(pred[v], root_relative(batch['hand_joints_3d'][v].to(pred.dtype)))
+
+# %% ../nbs/12_bench.ipynb #ca5d9713
+def _batch_order(digest, # a hashlib.sha1()
+                 index: Tensor, # (B,) sample indices of a training batch
+                ):
+    "Add a batch's sample indices to `digest`: the same digest is the same batches in the same order."
+    digest.update(torch.as_tensor(index).cpu().to(torch.int64).numpy().tobytes())
+
+def train_plain_cnn(cfg, # the run's config: its training batches (data.*, training.batch_size, seed) and validation frames
+                    steps: int = 768, # optimiser steps (the issue's comparison: 768 steps of 32)
+                    lr: float = 1e-3, # peak of the one-cycle schedule
+                    weight_decay: float = 0.01, # AdamW
+                    device: str | None = None, # default: training.device
+                    log: Callable[[str], Any] | None = None, # gets a progress line every `log_every` steps
+                    log_every: int = 100,
+                   ) -> dict: # rr_mpjpe, pa_mpjpe (mm), steps, samples, seconds, samples_per_s, params, flops_per_sample, ...
+    "Train `PlainCNN` on the run's own training batches (L1, AdamW, one-cycle lr) and validate it as the stage summaries do."
+    from amt_lib.data.loaders import build_dataloaders, ignore_stop_signals
+    from amt_lib.stages import mean_root_relative_hand, hand_summary
+    from amt_lib.learner.callbacks import resolve_device
+    if steps < 1: raise ConfigError(f'plain CNN steps={steps}: expected an integer >= 1')
+    dev = resolve_device(device or cfg.training.device)
+    t = time.perf_counter()
+    train_dl, val_dl = build_dataloaders(cfg, device=dev if dev.type == 'cuda' else None)   # as build_learner builds them
+    setup_s = time.perf_counter() - t
+    torch.manual_seed(int(cfg.seed))
+    model = PlainCNN().to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    order, losses, step, samples = hashlib.sha1(), [], 0, 0
+    t = time.perf_counter()
+    while step < steps:
+        for batch in train_dl:                   # epoch after epoch: the loader's schedule moves on as in the Learner
+            _batch_order(order, batch['index'])
+            batch = to_device(batch, dev)
+            loss = plain_cnn_loss(model(batch['image'], batch['K']), batch)
+            loss.backward(); opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            step, samples = step + 1, samples + len(batch['image'])
+            losses.append(loss.detach())
+            if log and step % log_every == 0:
+                log(f'[plain CNN] step {step}/{steps}: L1 {1000 * float(torch.stack(losses[-log_every:]).mean()):.1f} mm, '
+                    f'{samples / (time.perf_counter() - t):.0f} samples/s')
+            if step >= steps: break
+    _sync(dev); seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    bs, nw = int(cfg.training.batch_size), int(cfg.data.num_workers)
+    mean_hand = mean_root_relative_hand(train_dl.source, 1024, int(cfg.seed), bs, nw)      # as evaluate_weights does
+    val = torch.utils.data.DataLoader(val_dl.source, batch_size=bs, num_workers=nw, worker_init_fn=ignore_stop_signals if nw else None)
+    s = hand_summary(model, val, mean_hand, dev)
+    eval_s = time.perf_counter() - t
+    fl = flops_per_sample(model, {k: v[:2] for k, v in batch.items() if torch.is_tensor(v)}, plain_cnn_loss)
+    return dict(rr_mpjpe=s['rr_mpjpe'], pa_mpjpe=s['pa_mpjpe'], mean_pose_rr_mpjpe=s['mean_pose_rr_mpjpe'],
+                rr_ratio=s['rr_mpjpe'] / s['mean_pose_rr_mpjpe'], spread_ratio=s['spread_ratio'], n_val=s['n_val'],
+                steps=step, batch_size=bs, samples=samples, seconds=seconds, samples_per_s=samples / seconds,
+                train_l1_first_mm=1000 * float(torch.stack(losses[:10]).mean()), train_l1_last_mm=1000 * float(torch.stack(losses[-10:]).mean()),
+                params=sum(p.numel() for p in model.parameters()), flops_per_sample=fl['train_flops_per_sample'],
+                forward_flops_per_sample=fl['forward_flops_per_sample'], setup_seconds=setup_s, eval_seconds=eval_s,
+                batch_order_sha1=order.hexdigest(), device=device_name(dev))
+
+# %% ../nbs/12_bench.ipynb #619d57ae
+def amt_hand_run(preset: str = 'cpu-demo', # preset name or YAML path
+                 overrides: Sequence[str] = (), # dotted overrides
+                 samples: int = 24_576, # training samples to see (the plain CNN's steps x batch)
+                 run_dir: str | os.PathLike | None = None, # where the run goes; None: a temporary folder, removed after
+                ) -> dict: # rr_mpjpe, pa_mpjpe, mean_pose_rr_mpjpe (mm), spread_ratio, steps, samples, batch_size, seconds, samples_per_s
+    "The recipe's stage-1 hand run of `preset` trained on `samples` training samples: the AMT's side of the plain-CNN yardstick."
+    import tempfile, shutil
+    from amt_lib.stages import run_stage
+    cfg = load_config(preset, list(overrides))
+    bs = int(cfg.training.batch_size) * int(cfg.training.accumulation)
+    spe = int(cfg.data.train_size) // int(cfg.training.batch_size) // int(cfg.training.accumulation) if cfg.data.source == 'synth' else None
+    if samples < bs: raise ConfigError(f'samples={samples}: fewer than one batch of {bs}')
+    steps = samples // bs
+    epochs = -(-steps // spe) if spe else 1
+    ov = list(overrides) + [f'stages.stage1_component_epochs={{hand_encoder: {epochs}, object_encoder: 0, contact_encoder: 0}}',
+                            'logging.plots=false', 'logging.tensorboard=false', 'logging.progress=quiet']
+    d = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix='amt_hand_run_'))
+    t = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()): s = run_stage(1, preset, ov, d, max_steps=steps, headless=False)
+    finally:
+        if run_dir is None: shutil.rmtree(d, ignore_errors=True)
+    sec = time.perf_counter() - t
+    return dict({k: s[k] for k in ('rr_mpjpe', 'pa_mpjpe', 'mean_pose_rr_mpjpe', 'spread_ratio', 'n_val')},
+                steps=int(s['steps']), samples=int(s['steps']) * bs, batch_size=bs, seconds=sec,
+                train_minutes=s['minutes'], samples_per_s=int(s['steps']) * bs / max(s['minutes'] * 60, 1e-9))
+
+
+# %% ../nbs/12_bench.ipynb #4a140e30
+BARE_LOOP_WORK = ('DeviceCB', 'GradClipCB', 'SchedulerCB')   # callbacks doing what the bare loop does too (batch to device, clip, schedule)
+
+class _CallbackTimer:
+    "Exclusive seconds spent in each callback's event methods (a callback that fires events, as EvalCB does, is charged its own time only)."
+    def __init__(self): self.seconds, self._stack = {}, []
+    def wrap(self, name: str, f: Callable) -> Callable:
+        def timed(learn):
+            self._stack.append(0.); t = time.perf_counter()
+            try: return f(learn)
+            finally:
+                dt = time.perf_counter() - t; inner = self._stack.pop()
+                self.seconds[name] = self.seconds.get(name, 0.) + dt - inner
+                if self._stack: self._stack[-1] += dt
+        return timed
+    def instrument(self, cbs: Iterable):
+        "Time every event method of `cbs` (instance attributes shadow the methods; `run_cbs` finds them by name)."
+        for cb in cbs:
+            for ev in dir(cb):
+                if ev.startswith(('before_', 'after_', 'cleanup_')) and callable(getattr(cb, ev)):
+                    setattr(cb, ev, self.wrap(type(cb).__name__, getattr(cb, ev)))
+
+def learner_overhead(cfg, # the run's config (`load_config`, or `amt_lib.stages.stage_config` for a stage of the recipe)
+                     steps: int | None = None, # optimiser steps of each loop; None: one epoch (validations and checkpoints at the preset's rates)
+                     run_dir: str | os.PathLike | None = None, # the Learner's run folder (checkpoints, metrics.csv, tb, wandb); None: a temporary one
+                     per_callback: bool = True, # also time each callback's own events (a microsecond of wrapping per call)
+                    ) -> dict: # learner_step_ms, bare_step_ms, ratio, samples/s of both, callback_ms_per_step, ...
+    "Per-step time of the project's Learner with all its default callbacks against a bare PyTorch loop over the same model, batches and optimiser, interleaved."
+    from omegaconf import OmegaConf
+    from amt_lib.learner.core import Callback, seed_everything
+    from amt_lib.learner.callbacks import param_groups, make_scheduler
+    from amt_lib.learner.train import build_learner, _close
+    from amt_lib.stages import steps_per_epoch
+    tc = cfg.training
+    if int(tc.accumulation) != 1:
+        raise ConfigError(f'training.accumulation={tc.accumulation}: the overhead part times one batch per optimiser step; '
+                          'measure with training.accumulation=1')
+    spe, _ = steps_per_epoch(cfg)
+    steps = steps if steps is not None else spe
+    if steps is None or steps < 1:
+        raise ConfigError(f'overhead steps={steps}: expected an integer >= 1' + ('' if spe else ' (give steps: the epoch length of this data source is not known)'))
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, 'training.max_steps', int(steps))
+    OmegaConf.update(cfg, 'training.epochs', max(int(tc.epochs), math.ceil(steps / spe) if spe else 1))
+    OmegaConf.update(cfg, 'logging.progress', 'plain')                 # log lines, printed to a null stream below
+    tmp = tempfile.TemporaryDirectory(prefix='amt-overhead-') if run_dir is None else None
+    learn, order, timer = None, hashlib.sha1(), _CallbackTimer()
+    try:
+        seed_everything(int(cfg.seed))                                   # as `train` does before building
+        with contextlib.redirect_stdout(io.StringIO()): learn = build_learner(cfg, run_dir or tmp.name)
+        dev, dtype = learn.device, learn.dtype
+        model, loss_module = copy.deepcopy(learn.raw_model).to(dev), copy.deepcopy(learn.loss_module)
+        opt = torch.optim.AdamW(param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module}), lr=tc.lr)
+        sched = make_scheduler(opt, tc.warmup_steps, learn.T_0, tc.T_mult, tc.min_lr)
+        params = [p for g in opt.param_groups for p in g['params']]
+        loader = copy.copy(learn.train_dl.loader); loader.schedule = copy.deepcopy(loader.schedule)   # same data, own position
+        def forever():
+            while True: yield from loader
+        batches = forever()
+
+        def bare_step(epoch: int) -> tuple[float, Tensor, Tensor]:
+            "One step of the bare loop: (seconds, loss, the batch's sample indices)."
+            t = time.perf_counter()
+            b = to_device(next(batches), dev)
+            model.refine = learn.raw_model.refine                        # RefineSwitchCB's switch, mirrored
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                loss = loss_module(model(b['image'], b['K']), b, model=model, epoch=epoch)['loss']
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip) if tc.grad_clip else float('inf'))
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            _sync(dev)
+            return time.perf_counter() - t, loss.detach(), b['index']
+
+        class Interleave(Callback):
+            "One bare step after each Learner step, ahead of StopCB (60); the Learner's step is the time between two bare steps."
+            order = 55
+            def __init__(self): self.learner_s, self.bare_s, self.losses, self.same = [], [], [], True
+            def before_fit(self, learn): self.t = self.t_fit = time.perf_counter(); self.cb0 = self.cb = dict(timer.seconds)
+            def after_loss(self, learn):                                 # the training batch (a validation replaces learn.batch)
+                if learn.training: self.index = learn.batch['index']
+            def after_batch(self, learn):
+                _sync(dev); t = time.perf_counter()
+                self.learner_s.append(t - self.t)
+                s, loss, index = bare_step(learn.epoch)
+                self.bare_s.append(s); self.losses.append((float(learn.loss.detach()), float(loss)))
+                self.same &= bool(torch.equal(torch.as_tensor(index).cpu(), torch.as_tensor(self.index).cpu()))
+                _batch_order(order, self.index)
+                self.cb = dict(timer.seconds); self.t = time.perf_counter()
+        if per_callback: timer.instrument(learn.cbs)
+        il = Interleave(); il.learn = learn; learn.cbs.append(il)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()): learn.fit(int(cfg.training.epochs))
+        t_end = time.perf_counter()
+    finally:
+        if learn is not None: _close(learn)
+        if tmp is not None: tmp.cleanup()
+    n, bs = len(il.learner_s), int(cfg.training.batch_size)
+    L, B = sum(il.learner_s), sum(il.bare_s)
+    loop_cb = {k: v - il.cb0.get(k, 0.) for k, v in il.cb.items()}      # callback seconds inside the timed steps
+    end_cb = {k: v - il.cb.get(k, 0.) for k, v in timer.seconds.items()}  # ... and after the last one
+    extra = sum(v for k, v in loop_cb.items() if k not in BARE_LOOP_WORK)
+    return dict(steps=n, batch_size=bs, learner_step_ms=1000 * L / n, bare_step_ms=1000 * B / n, ratio=L / B,
+                ratio_whole_fit=(L + il.t_fit - t0 + t_end - il.t) / B,
+                learner_median_ms=1000 * statistics.median(il.learner_s), bare_median_ms=1000 * statistics.median(il.bare_s),
+                median_ratio=statistics.median(il.learner_s) / statistics.median(il.bare_s),
+                learner_samples_per_s=bs * n / L, bare_samples_per_s=bs * n / B,
+                validations=sum(1 for r in learn.history if r.get('split') == 'val'), eval_every=int(tc.eval_every),
+                fit_start_s=il.t_fit - t0, fit_end_s=t_end - il.t,
+                callback_ms_per_step={k: 1000 * v / n for k, v in sorted(loop_cb.items(), key=lambda kv: -kv[1])},
+                callback_s_after_last_step={k: v for k, v in sorted(end_cb.items(), key=lambda kv: -kv[1]) if v > 1e-4},
+                unattributed_ms_per_step=1000 * (L - B - extra) / n if per_callback else None,
+                same_batches=il.same, first_losses=il.losses[0], batch_order_sha1=order.hexdigest(), device=device_name(dev))
+
+# %% ../nbs/12_bench.ipynb #d1e0f8b5
+def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
+                overrides: Sequence[str] = (), # dotted overrides, as for `amt pipeline`
+                device: str = 'cpu', # where the FLOPs are counted (the count does not depend on it)
+                log: Callable[[str], Any] | None = print, # gets the table; None: silent
+               ) -> list[dict]: # one row per training run of the recipe, then a 'total' row
+    "Training FLOPs of every run of the recipe (`amt_lib.stages.recipe`): steps x batch x FLOPs per sample, forward + backward as run."
+    from omegaconf import OmegaConf
+    from amt_lib.stages import recipe
+    dev, rows = torch.device(device), []
+    for r in recipe(preset, overrides):
+        cfg, t = r['config'], r['config'].training
+        if r['epochs'] == 0: continue
+        cfg = cfg.copy()                                                  # counted eagerly on a SynthHOI batch: no compile, no data set needed
+        for k, v in (('model.compile', False), ('data.source', 'synth'), ('data.cache', False)): OmegaConf.update(cfg, k, v)
+        model, lf = _model_and_loss(cfg, dev, pretrained=False)           # the architecture: weights do not change a count
+        for name in t.freeze: model.components[name].requires_grad_(False)   # as build_learner freezes them
+        fl = {True: _model_flops(model, cfg, lf, dev)}
+        before = min(r['refine_from_epoch'], r['epochs']) * (r['steps_per_epoch'] or 0) if r['refine_steps'] else 0
+        if before: model.refine = False; fl[False] = _model_flops(model, cfg, lf, dev)   # epochs before refine_from_epoch
+        per_step, steps, ev = int(t.batch_size) * int(t.accumulation), r['steps'], int(t.eval_every)
+        if steps is None: train = evals = None
+        else:
+            b = min(before, steps)
+            train = per_step * (b * fl.get(False, fl[True])['train_flops_per_sample'] + (steps - b) * fl[True]['train_flops_per_sample'])
+            evals = (steps // ev + (steps % ev != 0)) if ev else 1
+        n_val = int(cfg.data.val_size) if r['config'].data.source == 'synth' else None
+        rows.append(dict(run=r['name'], stage=r['stage'], component=r['component'], steps=steps, steps_exact=r['steps_exact'],
+                         batch_size=int(t.batch_size), accumulation=int(t.accumulation),
+                         samples=None if steps is None else steps * per_step, frozen=list(t.freeze),
+                         train_flops_per_sample=fl[True]['train_flops_per_sample'], forward_flops_per_sample=fl[True]['forward_flops_per_sample'],
+                         steps_without_refine=before, train_flops_per_sample_without_refine=fl[False]['train_flops_per_sample'] if before else None,
+                         train_flops=train, validations=evals, val_samples=n_val,
+                         eval_flops=None if evals is None or n_val is None else evals * n_val * fl[True]['forward_flops_per_sample']))
+    tot = lambda k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows)
+    rows.append(dict(run='total', stage=None, component=None, steps=tot('steps'), steps_exact=all(r['steps_exact'] for r in rows), samples=tot('samples'),
+                     train_flops=tot('train_flops'), eval_flops=tot('eval_flops')))
+    if log: log(stage_flops_table(rows, load_config(preset, list(overrides)).name))
+    return rows
+
+def stage_flops_table(rows: list[dict], # `stage_flops` rows, the 'total' row last
+                      name: str = '', # the preset's name, for the title
+                     ) -> str:
+    "`stage_flops` rows as a fixed-width table: GFLOP per sample, TFLOP per run and their shares."
+    f = lambda v, fmt, scale=None: '?' if v is None else fmt.format(v if scale is None else v / scale)
+    total = rows[-1]['train_flops']
+    head = ['run', 'steps', 'samples', 'train GFLOP/sample', 'training TFLOP', 'share', 'validation TFLOP']
+    le = lambda r: '' if r.get('steps_exact', True) else '<= '         # DexYCB without the frames that have no hand: upper bounds
+    out = [head] + [[r['run'], le(r) + f(r['steps'], '{:,d}'), le(r) + f(r['samples'], '{:,d}'),
+                     f(r['train_flops_per_sample'], '{:.3f}', 1e9) if 'train_flops_per_sample' in r else '',
+                     f(r['train_flops'], '{:,.2f}', 1e12), f'{r["train_flops"] / total:.0%}' if total and r['train_flops'] is not None else '?',
+                     f(r['eval_flops'], '{:,.3f}', 1e12)] for r in rows]
+    w = [max(len(x[i]) for x in out) for i in range(len(head))]
+    return (f'training FLOPs of the {name} recipe (FlopCounterMode over one forward + backward as run: frozen parts without '
+            'weight gradients; matmuls, convolutions, attention)\n'
+            + '\n'.join('  '.join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(row)) for row in out))

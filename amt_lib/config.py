@@ -157,6 +157,8 @@ RULES: dict[str, Rule] = {   # key (a `*` stands for every key below it) -> what
     'model.backbone.hidden_size': int_ge(1), 'model.backbone.num_layers': int_ge(1), 'model.backbone.num_heads': int_ge(1),
     'model.backbone.patch_size': int_ge(1), 'model.backbone.freeze_layers': int_ge(0),
     'model.backbone.feature_layers': list_of(int_ge(1), nonempty=True), 'model.backbone.attn_implementation': one_of('sdpa', 'eager'),
+    'model.backbone.stem': one_of('patch', 'conv'), 'model.backbone.stem_width': int_ge(1), 'model.joint_residual_scale': num_ge(0),
+    'model.mc_vertex_stride': int_ge(1),
     'model.compile_backend': one_of('inductor', 'aot_eager', 'eager'),
     'model.hidden_dim': int_ge(1), 'model.num_heads': int_ge(1), 'model.num_layers': int_ge(1), 'model.dropout': num_in(0, 1, hi_open=True),
     'model.num_objects': int_ge(1), 'model.num_classes': int_ge(2), 'model.contact_hidden': int_ge(1), 'model.point_hidden': int_ge(1),
@@ -189,8 +191,8 @@ FREE_KEYS = ('name', 'data.root', 'data.skip_no_hand', 'data.cache', 'data.cache
              'model.backbone.name', 'model.backbone.pretrained', 'model.backbone.gradient_checkpointing', 'model.sigma_reparam',
              'model.sigma_reparam_backbone', 'model.compile', 'model.mano_path', 'loss.dynamic_weighting', 'loss.schedules',
              'training.freeze', 'training.init_from', 'training.monitor', 'training.ddp_find_unused', 'logging.tensorboard',
-             'logging.wandb', 'logging.wandb_project', 'logging.plots', 'stages.stage1_train_backbone',
-             'loss.ramps', 'training.hard_mining', 'training.guards', 'stages.stage3_hard_mining', 'stages.stage1_component_epochs')   # any value of the right type (monitor: checked below)
+             'logging.wandb', 'logging.wandb_project', 'logging.plots', 'logging.verbose', 'stages.stage1_train_backbone',
+             'loss.ramps', 'training.hard_mining', 'training.anneal_to_end', 'training.guards', 'stages.stage3_hard_mining', 'stages.stage1_component_epochs')   # any value of the right type (monitor: checked below)
 
 def _rule_for(key: str) -> Rule | None:
     if key in RULES: return RULES[key]

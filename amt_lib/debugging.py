@@ -4,11 +4,12 @@
 
 # %% ../nbs/10_debugging.ipynb #2d84e843
 from __future__ import annotations
-import contextlib, math, os, sys, warnings
+import base64, contextlib, io, math, os, sys, warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn, Tensor
+import plotly.graph_objects as go
 # the one definition of spread and collapse lives in metrics, the guards (alarm, gradient monitor) in the learner
 from .metrics import (RunningStats, COLLAPSE_RATIO, NARROW_RATIO, HAND_POSE_MIN_STD, Spread, AMT_SPREADS,
                              DiversityReport, diversity_verdict, SpreadMeter)
@@ -16,11 +17,12 @@ from .learner.guards import module_groups, grad_norms, ModeCollapseAlarm, Gradie
 from .learner.callbacks import _in_kernel
 
 # %% auto #0
-__all__ = ['HAND_BONES', 'to_device', 'model_device', 'run_model', 'as_output_dict', 'ActivationStats', 'ModelReport',
-           'analyze_model', 'plot_activation_stats', 'plot_grad_norms', 'prediction_diversity', 'plot_diversity',
-           'activation_modules', 'DeadUnits', 'find_dead_units', 'plot_dead_units', 'eager_attention', 'attention_maps',
-           'cls_attention', 'plot_attention', 'NonFiniteError', 'nan_anomaly', 'plot_hand_object_3d', 'is_headless',
-           'sample_browser']
+__all__ = ['HAND_BONES', 'TRUTH_STYLE', 'PRED_STYLE', 'to_device', 'model_device', 'run_model', 'as_output_dict',
+           'ActivationStats', 'ModelReport', 'analyze_model', 'plot_activation_stats', 'plot_grad_norms',
+           'prediction_diversity', 'plot_diversity', 'activation_modules', 'DeadUnits', 'find_dead_units',
+           'plot_dead_units', 'eager_attention', 'attention_maps', 'cls_attention', 'plot_attention', 'NonFiniteError',
+           'nan_anomaly', 'plotly_png', 'HandObjectFigure', 'plot_hand_object_3d', 'is_headless', 'sample_browser',
+           'worst_samples', 'plot_worst_samples']
 
 # %% ../nbs/10_debugging.ipynb #553f1711
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -156,30 +158,38 @@ def analyze_model(model: nn.Module, batch: Any, # a batch the model can be calle
     return rep
 
 # %% ../nbs/10_debugging.ipynb #27a338af
-def plot_activation_stats(report: ModelReport, ax: Sequence | None = None, max_layers: int = 60):
-    "Bar plots of each layer's activation mean, std and near-zero share (first `max_layers` layers)."
+def _short(name: str, n: int = 42) -> str:
+    "A long module name shortened from the left to `n` characters (its end says which layer it is)."
+    return name if len(name) <= n else '…' + name[-(n - 1):]
+
+def plot_activation_stats(report: ModelReport, ax: Sequence | None = None, # three axes side by side; None: a new figure
+                          max_layers: int = 60, # the first `max_layers` layers, in model order
+                         ):
+    "Horizontal bars, one row per layer: the mean, std and near-zero share of its output."
     import matplotlib.pyplot as plt
     rows = report.layers[:max_layers]
-    if ax is None: fig, ax = plt.subplots(3, 1, figsize=(max(6, 0.18 * len(rows)), 6), sharex=True)
+    if ax is None: fig, ax = plt.subplots(1, 3, figsize=(11, 1.4 + 0.17 * max(len(rows), 4)), sharey=True, layout='constrained')
     else: fig = ax[0].figure
-    x = range(len(rows))
-    for a, key, c in zip(ax, ('mean', 'std', 'near_zero'), ('C0', 'C1', 'C3')):
-        a.bar(x, [r[key] for r in rows], color=c); a.set_ylabel(key)
-    ax[2].set_ylim(0, 1)
-    ax[2].set_xticks(list(x)); ax[2].set_xticklabels([r['name'] for r in rows], rotation=90, fontsize=6)
-    ax[0].set_title('activations per layer')
-    fig.tight_layout()
+    y = list(range(len(rows)))
+    labels = ('mean of the output', 'std of the output', 'share of outputs near zero')
+    for a, key, c, label in zip(ax, ('mean', 'std', 'near_zero'), ('C0', 'C1', 'C3'), labels):
+        a.barh(y, [r[key] for r in rows], color=c, height=0.7); a.set_xlabel(label); a.grid(axis='x', alpha=0.3)
+    ax[0].axvline(0, color='k', lw=0.5); ax[2].set_xlim(0, 1)
+    ax[0].set_yticks(y, [_short(r['name']) for r in rows], fontsize=7); ax[0].set_ylim(len(rows) - 0.5, -0.5)   # first layer on top
+    ax[0].set_ylabel('layer (model order)')
+    fig.suptitle(f'activations per layer (first {len(rows)} of {len(report.layers)})' if len(rows) < len(report.layers)
+                 else 'activations per layer')
     return fig
 
 def plot_grad_norms(norms: Mapping[str, float] | ModelReport, ax=None):
     "Bar plot of the gradient norm per component (log scale)."
     import matplotlib.pyplot as plt
     norms = norms.grad_norms if isinstance(norms, ModelReport) else norms
-    if ax is None: fig, ax = plt.subplots(figsize=(6, 3))
+    if ax is None: fig, ax = plt.subplots(figsize=(max(5, 1 + 0.9 * len(norms)), 3.4), layout='constrained')
     ax.bar(list(norms), [max(v, 1e-12) for v in norms.values()]); ax.set_yscale('log')
-    ax.set_ylabel('grad L2 norm'); ax.set_title('gradient norm per component')
+    ax.set_xlabel('component'); ax.set_ylabel('gradient L2 norm (log scale)'); ax.set_title('gradient norm per component')
     ax.tick_params(axis='x', rotation=30)
-    ax.figure.tight_layout()
+    for t in ax.get_xticklabels(): t.set_horizontalalignment('right')
     return ax.figure
 
 # %% ../nbs/10_debugging.ipynb #5cb9f62b
@@ -203,19 +213,23 @@ def prediction_diversity(model: nn.Module, loader: Iterable, # batches the model
     return meter.report()
 
 # %% ../nbs/10_debugging.ipynb #5c960b39
+_VERDICT_COLOURS = {'collapsed': 'C3', 'narrow': 'C1', 'healthy': 'C2', 'n/a': 'C7'}
+
 def plot_diversity(report: DiversityReport, ax=None):
-    "Bar plot of the spread ratio (prediction / ground truth) per output, with the verdict thresholds."
+    "Bar plot of the spread ratio (prediction / ground truth) per output, coloured by verdict, with the thresholds."
     import matplotlib.pyplot as plt
-    if ax is None: fig, ax = plt.subplots(figsize=(6, 3))
+    from matplotlib.patches import Patch
+    if ax is None: fig, ax = plt.subplots(figsize=(max(6, 2.5 + 0.9 * len(report.rows)), 3.2), layout='constrained')
     names = list(report.rows)
     ratios = [0 if math.isnan(report.rows[k]['ratio']) else report.rows[k]['ratio'] for k in names]
-    colours = {'collapsed': 'C3', 'narrow': 'C1', 'healthy': 'C2', 'n/a': 'C7'}
-    ax.bar(names, ratios, color=[colours[report.rows[k]['verdict']] for k in names])
-    ax.axhline(COLLAPSE_RATIO, color='C3', ls='--', lw=1, label=f'collapsed < {COLLAPSE_RATIO}')
-    ax.axhline(NARROW_RATIO, color='C1', ls=':', lw=1, label=f'narrow < {NARROW_RATIO}')
+    verdicts = [report.rows[k]['verdict'] for k in names]
+    ax.bar(names, ratios, color=[_VERDICT_COLOURS[v] for v in verdicts])
+    h = [Patch(color=_VERDICT_COLOURS[v], label=v) for v in _VERDICT_COLOURS if v in verdicts]
+    h += [ax.axhline(COLLAPSE_RATIO, color='C3', ls='--', lw=1, label=f'collapsed below {COLLAPSE_RATIO}'),
+          ax.axhline(NARROW_RATIO, color='C1', ls=':', lw=1, label=f'narrow below {NARROW_RATIO}')]
     ax.axhline(1.0, color='k', lw=0.5)
-    ax.set_ylabel('spread ratio pred / gt'); ax.set_title(f'prediction diversity: {report.verdict}')
-    ax.legend(fontsize=7); ax.figure.tight_layout()
+    ax.set_xlabel('output'); ax.set_ylabel('spread ratio\nprediction / truth'); ax.set_title(f'prediction diversity: {report.verdict}')
+    ax.legend(handles=h, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, frameon=False)
     return ax.figure
 
 # %% ../nbs/10_debugging.ipynb #1354ea9f
@@ -260,13 +274,21 @@ def find_dead_units(model: nn.Module, loader: Iterable, threshold: float = 1e-6,
         layers[name] = dict(units=s.amax.numel(), dead=len(dead), share=len(dead) / max(s.amax.numel(), 1), index=dead)
     return DeadUnits(layers)
 
-def plot_dead_units(dead: DeadUnits, ax=None):
-    "Bar plot of the share of dead units per layer."
+def plot_dead_units(dead: DeadUnits, top: int = 30, # layers shown: the `top` with the largest dead share (ties: model order)
+                    ax=None):
+    "Horizontal bars of the share of dead units per layer (dead/units beside each bar), names shortened from the left."
     import matplotlib.pyplot as plt
-    if ax is None: fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(list(dead.layers), [r['share'] for r in dead.layers.values()], color='C3')
-    ax.set_ylim(0, 1); ax.set_ylabel('dead share'); ax.set_title(f'dead units: {dead.total_dead}')
-    ax.tick_params(axis='x', rotation=45); ax.figure.tight_layout()
+    rows = sorted(dead.layers.items(), key=lambda kv: -kv[1]['share'])[:top]
+    if ax is None: fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.24 * max(len(rows), 3)), layout='constrained')
+    y = list(range(len(rows)))
+    ax.barh(y, [r['share'] for _, r in rows], color='C3', height=0.7)
+    for i, (_, r) in enumerate(rows): ax.text(r['share'] + 0.01, i, f"{r['dead']}/{r['units']}", va='center', fontsize=7)
+    ax.set_yticks(y, [_short(n) for n, _ in rows], fontsize=8); ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, 1.15); ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+    ax.set_xlabel("dead units (share of the layer's units)"); ax.set_ylabel('layer'); ax.grid(axis='x', alpha=0.3)
+    units = sum(r['units'] for r in dead.layers.values())
+    shown = f'; the {len(rows)} with the most shown' if len(rows) < len(dead.layers) else ''
+    ax.set_title(f'dead units: {dead.total_dead} of {units} in {len(dead.layers)} layers{shown}', fontsize=10)
     return ax.figure
 
 # %% ../nbs/10_debugging.ipynb #5d18c911
@@ -333,16 +355,17 @@ def plot_attention(image: Tensor, # (3,H,W) 0..1
     import matplotlib.pyplot as plt
     cm = cls_maps[None] if cls_maps.ndim == 3 else cls_maps
     L, H = cm.shape[:2]; H = min(H, max_cols)
-    fig, axs = plt.subplots(L, H + 1, figsize=(1.6 * (H + 1), 1.6 * L), squeeze=False)
+    fig, axs = plt.subplots(L, H + 1, figsize=(1.6 * (H + 1), 1.6 * L + 0.6), squeeze=False, layout='constrained')
     img = image.detach().float().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
     for l in range(L):
-        axs[l, 0].imshow(img); axs[l, 0].set_ylabel(f'layer {l}', fontsize=7)
+        axs[l, 0].imshow(img); axs[l, 0].set_ylabel(f'layer {l}', fontsize=8)
         for h in range(H):
             up = torch.nn.functional.interpolate(cm[l, h][None, None], size=img.shape[:2], mode='bilinear')[0, 0]
             axs[l, h + 1].imshow(img); axs[l, h + 1].imshow(up.numpy(), alpha=0.6, cmap='inferno')
-            if l == 0: axs[l, h + 1].set_title(f'head {h}', fontsize=7)
+            if l == 0: axs[l, h + 1].set_title(f'head {h}', fontsize=8)
+    axs[0, 0].set_title('image', fontsize=8)
     for a in axs.flat: a.set_xticks([]); a.set_yticks([])
-    fig.tight_layout()
+    fig.suptitle('CLS-token attention to each patch\n(each map scaled to its own range: bright = more attention)', fontsize=9)
     return fig
 
 # %% ../nbs/10_debugging.ipynb #34db4a37
@@ -377,15 +400,69 @@ HAND_BONES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0
 
 def _np(x): return x.detach().float().cpu().numpy() if isinstance(x, Tensor) else x
 
+_MPL_MARKERS = {'circle': 'o', 'square': 's', 'diamond': 'D', 'cross': 'P', 'x': 'X'}
+
+def plotly_png(fig: go.Figure, # Scatter3d traces in a camera frame (x right, y down, z forward); other traces are skipped
+               path: str | os.PathLike | None = None, # also write the PNG here
+               dpi: int = 90, elev: float = 20., azim: float = -70., # matplotlib view angles, degrees
+              ) -> bytes:
+    "A static PNG of a plotly 3D figure, its Scatter3d traces drawn with matplotlib's mplot3d (no browser needed)."
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.colors import is_color_like
+    from matplotlib.ticker import MaxNLocator
+    out = Figure(figsize=(7.5, 5.2), layout='constrained')
+    ax = out.add_subplot(projection='3d')
+    colour = lambda c: c if isinstance(c, str) and is_color_like(c) else None
+    pts = []
+    for t in fig.data:
+        if t.type != 'scatter3d' or t.x is None or not len(t.x): continue
+        x, y, z = (np.array([np.nan if v is None else v for v in a], dtype=float) for a in (t.x, t.y, t.z))
+        pts.append(np.stack([x, y, z], 1))
+        label, mode = (t.name if t.showlegend is not False and t.name else None), t.mode or 'markers'
+        # the camera frame drawn as matplotlib's (x, z, -y): depth goes into the view, -y is up
+        if 'lines' in mode:
+            ax.plot(x, z, -y, color=colour(t.line.color), lw=(t.line.width or 2) * 0.45, label=None if 'markers' in mode else label)
+        if 'markers' in mode:
+            ax.scatter(x, z, -y, color=colour(t.marker.color), s=(t.marker.size or 6) ** 2, depthshade=False,
+                       marker=_MPL_MARKERS.get(t.marker.symbol, 'o'), label=label)
+    sc = fig.layout.scene
+    ax.set_xlabel(sc.xaxis.title.text or 'x'); ax.set_ylabel(sc.zaxis.title.text or 'z', labelpad=8)
+    ax.set_zlabel(sc.yaxis.title.text or 'y', labelpad=8)
+    ax.zaxis.set_major_formatter(lambda v, _: f'{-v + 0.:g}')   # the vertical axis is -y: its ticks say y
+    for a in (ax.xaxis, ax.yaxis, ax.zaxis): a.set_major_locator(MaxNLocator(5))
+    if pts:   # equal scale on the three axes (plotly's aspectmode='data')
+        p = np.concatenate(pts); lo, hi = np.nanmin(p, 0), np.nanmax(p, 0)
+        span = np.maximum(hi - lo, 0.05 * (hi - lo).max() + 1e-9); mid = (lo + hi) / 2
+        ax.set_xlim(mid[0] - span[0] / 2, mid[0] + span[0] / 2); ax.set_ylim(mid[2] - span[2] / 2, mid[2] + span[2] / 2)
+        ax.set_zlim(-mid[1] - span[1] / 2, -mid[1] + span[1] / 2); ax.set_box_aspect((span[0], span[2], span[1]))
+    ax.view_init(elev=elev, azim=azim)
+    if fig.layout.title.text: ax.set_title(fig.layout.title.text)
+    if ax.get_legend_handles_labels()[0]: ax.legend(loc='upper left', bbox_to_anchor=(1.08, 1.0), fontsize=8, frameon=False)
+    buf = io.BytesIO(); out.savefig(buf, format='png', dpi=dpi, bbox_inches='tight'); png = buf.getvalue()   # tight: mplot3d legends
+    if path is not None:
+        with open(path, 'wb') as f: f.write(png)
+    return png
+
+class HandObjectFigure(go.Figure):
+    "A plotly figure whose notebook output also carries a static PNG (`plotly_png`), so GitHub and nbviewer show it."
+    def _repr_mimebundle_(self, include=None, exclude=None, validate=True, **kwargs):
+        bundle = dict(super()._repr_mimebundle_(include, exclude, validate, **kwargs) or {})
+        bundle['image/png'] = base64.b64encode(plotly_png(self)).decode()
+        bundle.setdefault('text/plain', f'<3D figure {self.layout.title.text or ""}>')
+        return bundle
+    def _ipython_display_(self):   # plotly's own shows the renderer's bundle only
+        from IPython.display import display
+        display(self._repr_mimebundle_(), raw=True)
+
 def plot_hand_object_3d(joints: Tensor | None = None, # (21,3) predicted joints, metres
                         gt_joints: Tensor | None = None, # (21,3) ground truth, metres
                         obj_pos: Tensor | None = None, # (N,3) predicted object positions, metres
                         obj_rot: Tensor | None = None, # (N,3,3) rotation matrices (or (N,4) w-first quaternions)
                         gt_obj_pos: Tensor | None = None, # (M,3) true object positions, metres
-                        title: str = ''):
-    "Plotly 3D figure of hands (joints + bones) and objects (positions + axes), in millimetres."
-    import plotly.graph_objects as go
-    fig = go.Figure()
+                        title: str = '') -> HandObjectFigure:
+    "Plotly 3D figure of hands (joints + bones) and objects (positions + axes), in millimetres, with a static PNG for notebooks."
+    fig = HandObjectFigure()
     def hand(j, name, colour):
         j = _np(j) * 1000
         xs, ys, zs = [], [], []
@@ -439,22 +516,42 @@ def is_headless() -> bool:
     if any('papermill' in c for c in _parent_cmdlines()): return True
     return False
 
-def _draw_sample(ax, sample: Mapping, pred: Mapping | None = None):
+TRUTH_STYLE = dict(color='lime', ls='-', lw=2.0)        # the true skeleton in 2D figures
+PRED_STYLE = dict(color='red', ls='--', lw=1.6)         # the predicted skeleton
+
+def _skeleton(ax, j2, # (21,2) joints, pixels
+              style: dict, label: str):
+    "The 20 bones of a 2D hand, with a thin black outline so they read on any background."
+    import matplotlib.patheffects as pe
+    j2 = _np(j2)
+    outline = [pe.Stroke(linewidth=style['lw'] + 1.2, foreground='black'), pe.Normal()]
+    for k, (a, b) in enumerate(HAND_BONES):
+        ax.plot(j2[[a, b], 0], j2[[a, b], 1], **style, label=label if k == 0 else None, path_effects=outline)
+
+def _skeleton_legend(fig):
+    "One legend under the figure: truth solid, prediction dashed."
+    from matplotlib.lines import Line2D
+    fig.legend(handles=[Line2D([], [], **TRUTH_STYLE, label='truth'), Line2D([], [], **PRED_STYLE, label='prediction')],
+               loc='outside lower center', ncol=2, frameon=False, fontsize=9)
+
+def _draw_sample(ax, sample: Mapping, pred_2d: Tensor | None = None, # (21,2) predicted joints, pixels
+                 title: str | None = None):
+    "The image with the true (solid) and predicted (dashed) 2D skeletons; the view stays on the image."
     img = sample['image'].detach().float().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
     ax.imshow(img)
-    def skel(j2, c):
-        j2 = _np(j2)
-        for a, b in HAND_BONES: ax.plot([j2[a, 0], j2[b, 0]], [j2[a, 1], j2[b, 1]], color=c, lw=1.5)
-    if 'hand_joints_2d' in sample and bool(sample.get('hand_valid', True)): skel(sample['hand_joints_2d'], 'lime')
-    if pred is not None and 'pred_hand_joints_2d' in pred: skel(pred['pred_hand_joints_2d'][0], 'red')
-    m = sample.get('meta', {})
-    ax.set_title(' '.join(str(m[k]) for k in ('sequence', 'frame') if k in m) or '', fontsize=8); ax.axis('off')
+    if 'hand_joints_2d' in sample and bool(sample.get('hand_valid', True)): _skeleton(ax, sample['hand_joints_2d'], TRUTH_STYLE, 'truth')
+    if pred_2d is not None: _skeleton(ax, pred_2d, PRED_STYLE, 'prediction')
+    H, W = img.shape[:2]; ax.set_xlim(-0.5, W - 0.5); ax.set_ylim(H - 0.5, -0.5)
+    if title is None:
+        m = sample.get('meta', {})
+        title = ' '.join(str(m[k]) for k in ('sequence', 'frame') if k in m)
+    ax.set_title(title, fontsize=8); ax.axis('off')
 
 def sample_browser(dataset: Sequence, # anything indexable returning samples of the contract
                    model: nn.Module | None = None, # predictions drawn beside the truth when given
                    interactive: bool | None = None, # None: interactive unless is_headless()
                   ):
-    "An ipywidgets browser over `dataset` (image + 2D joints, 3D hand and objects); headless runs skip it."
+    "An ipywidgets browser over `dataset` (image + 2D joints, 3D hand and objects), returned for the notebook to show; headless runs get None."
     if interactive is None: interactive = not is_headless()
     if not interactive:
         print('sample browser skipped: headless run (no live notebook front end)'); return None
@@ -473,17 +570,42 @@ def sample_browser(dataset: Sequence, # anything indexable returning samples of 
             model.train(was)
         with out2d:
             out2d.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(4, 4)); _draw_sample(ax, s, pred); plt.show()
+            fig, ax = plt.subplots(figsize=(4, 4.4), layout='constrained')
+            _draw_sample(ax, s, pred['pred_hand_joints_2d'][0] if pred and 'pred_hand_joints_2d' in pred else None)
+            _skeleton_legend(fig); display(fig); plt.close(fig)
         with out3d:
             out3d.clear_output(wait=True)
             v = s['obj_valid'].bool() if 'obj_valid' in s else None
-            f = plot_hand_object_3d(pred['pred_hand_joints'][0] if pred and 'pred_hand_joints' in pred else None,
-                                    s['hand_joints_3d'] if bool(s.get('hand_valid', True)) else None,
-                                    pred['pred_obj_pos'][0] if pred and 'pred_obj_pos' in pred else None,
-                                    pred['pred_obj_rot'][0] if pred and 'pred_obj_rot' in pred else None,
-                                    s['obj_pose'][v][:, :3, 3] if v is not None and 'obj_pose' in s else None)
-            f.show()
+            display(plot_hand_object_3d(pred['pred_hand_joints'][0] if pred and 'pred_hand_joints' in pred else None,
+                                        s['hand_joints_3d'] if bool(s.get('hand_valid', True)) else None,
+                                        pred['pred_obj_pos'][0] if pred and 'pred_obj_pos' in pred else None,
+                                        pred['pred_obj_rot'][0] if pred and 'pred_obj_rot' in pred else None,
+                                        s['obj_pose'][v][:, :3, 3] if v is not None and 'obj_pose' in s else None))
     slider.observe(lambda ch: show(ch['new']), names='value')
-    box = W.VBox([slider, W.HBox([out2d, out3d])])
-    display(box); show(0)
-    return box
+    show(0)
+    return W.VBox([slider, W.HBox([out2d, out3d])])
+
+# %% ../nbs/10_debugging.ipynb #2a51ec77
+def worst_samples(errors: Tensor, # (N,) error per sample; NaN where there is none (no hand)
+                  k: int = 4) -> list[int]:
+    "Indices of the `k` largest finite errors, largest first."
+    e = torch.as_tensor(errors, dtype=torch.float32).flatten()
+    ok = torch.isfinite(e).nonzero().flatten()
+    return ok[torch.argsort(e[ok], descending=True, stable=True)[:k]].tolist()
+
+def plot_worst_samples(dataset: Sequence, # samples of the contract: image (3,H,W) 0..1, hand_joints_2d (21,2) pixels
+                       pred_joints_2d: Tensor, # (N,21,2) predicted 2D joints of the first N samples, pixels
+                       errors_mm: Tensor, # (N,) error per sample, mm (NaN: no hand, never shown)
+                       k: int = 4, metric: str = 'rr-MPJPE', # the error's name in the titles
+                       size: float = 3.2, # inches per panel
+                      ):
+    "The `k` samples with the largest error: truth (solid) and prediction (dashed) skeletons, the error in mm in each title."
+    import matplotlib.pyplot as plt
+    idx = worst_samples(errors_mm, k); n = max(len(idx), 1)
+    fig, axs = plt.subplots(1, n, figsize=(size * n, size + 0.8), squeeze=False, layout='constrained')
+    for ax, i in zip(axs[0], idx):
+        _draw_sample(ax, dataset[i], pred_joints_2d[i], title=f'sample {i}: {metric} {float(errors_mm[i]):.0f} mm')
+    if idx: _skeleton_legend(fig)
+    else: axs[0, 0].text(0.5, 0.5, 'no sample with a hand', ha='center', va='center'); axs[0, 0].axis('off')
+    fig.suptitle(f'the {len(idx)} worst samples by {metric}', fontsize=10)
+    return fig

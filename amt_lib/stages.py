@@ -12,13 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from .config import load_config, save_run_config, config_to_yaml, ConfigError
 
 # %% auto #0
-__all__ = ['COMPONENTS', 'STAGE1_TERMS', 'STAGE_NAMES', 'EXPERIMENTS', 'SUMMARY_COLUMNS', 'DEXYCB_TRAIN_FRAMES', 'stage1_epochs',
-           'stage_overrides', 'stage_config', 'component_prefixes', 'load_component_weights', 'root_relative',
-           'mean_root_relative_hand', 'hand_summary', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals',
-           'experiments_dir', 'run_notebook', 'summary_table', 'learned_verdict', 'run_pipeline',
-           'pipeline_disk_budget', 'weights_file', 'merge_component_weights', 'evaluate_weights', 'run_stage',
-           'steps_per_epoch', 'recipe', 'recipe_table', 'cli_recipe', 'cli_train', 'notebook_parameters', 'cli_run',
-           'cli_pipeline']
+__all__ = ['COMPONENTS', 'STAGE1_TERMS', 'STAGE_NAMES', 'RECIPE_SOURCES', 'EXPERIMENTS', 'SUMMARY_COLUMNS', 'DEXYCB_TRAIN_FRAMES',
+           'stage1_epochs', 'stage_overrides', 'stage_config', 'recipe_replaces', 'component_prefixes',
+           'load_component_weights', 'root_relative', 'mean_root_relative_hand', 'hand_summary', 'NotebookFailed',
+           'NotebookStopped', 'forward_stop_signals', 'experiments_dir', 'kernel_options', 'run_notebook',
+           'summary_table', 'learned_verdict', 'debugging_note', 'run_pipeline', 'pipeline_disk_budget', 'weights_file',
+           'merge_component_weights', 'evaluate_weights', 'run_stage', 'steps_per_epoch', 'recipe', 'recipe_table',
+           'cli_recipe', 'cli_train', 'notebook_parameters', 'cli_run', 'cli_pipeline']
 
 # %% ../nbs/09_stages.ipynb #614cd402
 COMPONENTS = ('backbone', 'hand_encoder', 'object_encoder', 'contact_encoder', 'refiner')
@@ -96,6 +96,44 @@ def stage_config(preset: str, overrides: Sequence[str] = (), stage: int = 2, com
     "The resolved config of one stage (user overrides first, then the recipe's)."
     base = load_config(preset, list(overrides))
     return load_config(preset, list(overrides) + stage_overrides(base, stage, component))
+
+# %% ../nbs/09_stages.ipynb #d4e5f6a2
+# config key the recipe sets -> per stage, the key that sets it (absent: fixed by the recipe)
+RECIPE_SOURCES = {
+    'training.epochs': {1: 'stages.stage1_epochs (per component: stages.stage1_component_epochs)', 2: 'stages.stage2_epochs',
+                        3: 'stages.stage3_epochs'},
+    'training.freeze': {1: 'stages.stage1_train_backbone (the other components are frozen by the recipe)'},
+    'training.lr': {3: 'stages.stage3_lr_mult (stage 3 trains at training.lr x stages.stage3_lr_mult)'},
+    'training.hard_mining': {3: 'stages.stage3_hard_mining'},
+    'loss.weights.diversity': {2: 'stages.stage2_diversity', 3: 'stages.stage3_diversity'},
+    'loss.weights.physics': {2: 'stages.stage2_physics_ramp', 3: 'stages.stage3_physics'},
+    'model.refine_from_epoch': {2: 'stages.stage2_refine_from_epoch'},
+}
+
+def recipe_replaces(preset: str, # preset name or YAML path
+                    overrides: Sequence[str], # the user's dotted overrides
+                    stage: int, # 1, 2 or 3
+                   ) -> list[str]:
+    "One line per user override that stage `stage`'s recipe replaces: the value it trains with and the key that sets it."
+    from amt_lib.config import parse_overrides
+    plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+    keys = list(dict.fromkeys(o.split('=', 1)[0].strip() for o in overrides))
+    parse_overrides(overrides)                     # a malformed override: the config's own error
+    base = load_config(preset, list(overrides))
+    runs = [c for c in STAGE1_TERMS if stage1_epochs(base, c) > 0] if stage == 1 else [None]
+    found = {}   # (key, user value, recipe value) -> stage-1 components
+    for comp in runs:
+        cfg = stage_config(preset, overrides, stage, comp)
+        for k in keys:
+            a, b = plain(OmegaConf.select(base, k)), plain(OmegaConf.select(cfg, k))
+            if a != b: found.setdefault((k, _fmt(a), _fmt(b)), []).append(comp)
+    out = []
+    for (k, a, b), comps in found.items():
+        where = f" ({', '.join(comps)})" if stage == 1 and len(comps) < len(runs) else ''
+        src = RECIPE_SOURCES.get(k, {}).get(stage)
+        out.append(f'recipe replaces {k}={a} with {b}{where}: ' +
+                   (f'set {src} instead' if src else f"fixed by the stage-{stage} recipe (stage_overrides(cfg, {stage}))"))
+    return out
 
 # %% ../nbs/09_stages.ipynb #990d2222
 def component_prefixes(model: torch.nn.Module) -> dict[str, str]:
@@ -233,24 +271,47 @@ def experiments_dir() -> Path:
                                 'checkout; clone the repository and `pip install -e .` it')
     return d
 
+def _papermill_logging(verbose: bool):
+    "papermill's own log (paths, kernel, `Executing Cell 3`) on the current stdout: INFO when verbose, else warnings only."
+    import logging
+    log = logging.getLogger('papermill')
+    h = next((h for h in log.handlers if getattr(h, '_amt', False)), None)
+    if h is None:
+        h = logging.StreamHandler(sys.stdout); h.setFormatter(logging.Formatter('%(message)s')); h._amt = True
+        log.addHandler(h); log.propagate = False
+    h.setStream(sys.stdout)                      # the stdout of now (a test may have redirected it)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+
+def kernel_options(verbose: bool = False) -> dict:
+    "papermill keywords for the kernel: CurveZMQ encryption where pyzmq, jupyter_client and the kernelspec have it; else the kernel's log at ERROR unless verbose."
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    try: declared = 'curve' in str(KernelSpecManager().get_kernel_spec('python3').metadata.get('supported_encryption', '')).lower()
+    except NoSuchKernel: declared = False
+    if declared and zmq.has('curve') and 'transport_encryption' in KernelManager.class_trait_names():
+        from traitlets.config import Config   # an encrypted kernel has no 'running over TCP without encryption' warning to give
+        return dict(config=Config({'KernelManager': {'transport_encryption': 'auto'}}))
+    return {} if verbose else dict(extra_arguments=['--IPKernelApp.log_level=ERROR'])
+
 def run_notebook(notebook: str | os.PathLike, # the notebook to run
                  output: str | os.PathLike, # where the executed copy goes
                  parameters: dict | None = None, # papermill parameters (names of the `parameters` cell)
-                 log_output: bool = True, # stream cell output to the console (one line per logging interval)
+                 log_output: bool = True, # relay what the cells print (stdout, stderr) to this process's, as it comes
                  cwd: str | os.PathLike | None = None, # working directory of the kernel (default: output's folder)
+                 verbose: bool = False, # also papermill's log, cell by cell, and the text of displayed results
                 ) -> Path:
-    "Execute `notebook` with papermill into `output`; raise `NotebookFailed` naming the saved notebook on error."
-    import papermill as pm, logging
+    "Execute `notebook` with papermill into `output`, relaying what its cells print; raise `NotebookFailed` naming the saved notebook on error."
+    import papermill as pm
     output = Path(output); output.parent.mkdir(parents=True, exist_ok=True)
-    log = logging.getLogger('papermill')
-    if log_output and not any(getattr(h, '_amt', False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stdout); h.setFormatter(logging.Formatter('%(message)s')); h._amt = True
-        log.addHandler(h); log.setLevel(logging.INFO); log.propagate = False
+    _papermill_logging(verbose)
+    relay = (dict(log_output=log_output) if verbose else      # papermill's logger: `Executing Cell n`, every output as a log line
+             dict(log_output=False, stdout_file=sys.stdout if log_output else None, stderr_file=sys.stderr if log_output else None))
     with forward_stop_signals() as fwd:
         try:
             pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name='python3',
-                                language='python', log_output=log_output, progress_bar=False,
-                                cwd=str(cwd or output.parent), stdout_file=None)
+                                language='python', progress_bar=False, cwd=str(cwd or output.parent),
+                                **relay, **kernel_options(verbose))
         except Exception as e:
             what = f'{e.ename}: {e.evalue}' if isinstance(e, pm.PapermillExecutionError) else f'{type(e).__name__}: {e}'
             if fwd.received:
@@ -285,14 +346,23 @@ def learned_verdict(final: dict) -> dict:
                 not_healthy={k: round(r['ratio'], 3) for k, r in div.get('rows', {}).items() if r['verdict'] not in ('healthy', 'n/a')})
 
 # %% ../nbs/09_stages.ipynb #801abace
+def debugging_note(folder: Path, # <run_dir>/debugging
+                  ) -> str:
+    "One line on the debugging notebook's report: its verdict and dead units, and where the report and figures are."
+    f = Path(folder)/'report.json'
+    r = json.loads(f.read_text()) if f.exists() else {}
+    found = ([f"diversity {r['verdict']}"] if 'verdict' in r else []) + ([f"{r['dead_units']} dead units"] if 'dead_units' in r else [])
+    return (', '.join(found) + '; ' if found else '') + f'report and figures in {folder}'
+
 def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
                  run_dir: str | os.PathLike | None = None, # default runs/<preset>-pipeline-<timestamp>
                  overrides: Sequence[str] = (), # dotted overrides, passed to every stage
                  max_steps: int | None = None, # per stage (stage 1: per component)
                  max_minutes: float | None = None, # per stage
                  stages: Sequence[str] = ('stage1', 'stage2', 'stage3', 'debugging'),
-                 log_output: bool = True,
+                 log_output: bool = True, # relay what the stage notebooks print (log lines, tables)
                  resume: bool = False, # continue the pipeline in `run_dir`: finished stages are kept, the interrupted one resumes
+                 verbose: bool = False, # papermill's log, every number of each log record, the debugging notebook's tables
                 ) -> dict:
     "Run the experiment notebooks in order, each from the previous one's checkpoint; write and return the summary."
     from amt_lib.config import git_commit, PACKAGE_DIR
@@ -307,7 +377,7 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
     if not resume: (run_dir/'pipeline.json').write_text(json.dumps(args, indent=2))   # what `--resume` continues
     nb_dir, t0 = experiments_dir(), time.time()
     s1 = run_dir/'stage1'   # stage 1 is optional: without it (and without an earlier one here) stage 2 starts from scratch
-    handover = {'stage1': None, 'stage2': str(s1) if 'stage1' in stages or s1.exists() else None, 'stage3': str(run_dir/'stage2'/'checkpoints'/'best.pt'),
+    handover = {'stage1': None, 'stage2': str(s1) if 'stage1' in stages or s1.exists() else 'scratch', 'stage3': str(run_dir/'stage2'/'checkpoints'/'best.pt'),
                 'debugging': str(run_dir/'stage3'/'checkpoints'/'best.pt')}
     summary = dict(preset=str(preset), run_dir=str(run_dir), date=datetime.datetime.now().isoformat(timespec='seconds'),
                    commit=git_commit(PACKAGE_DIR), overrides=list(overrides), stages={})
@@ -316,18 +386,19 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
         if resume and st != 'debugging' and f.exists():
             print(f'[pipeline] {st}: finished earlier, kept ({f})', flush=True)
             summary['stages'][st] = json.loads(f.read_text()); continue
-        params = dict(preset=str(preset), overrides=list(overrides), run_dir=str(run_dir), init_from=handover[st],
+        params = dict(preset=str(preset), overrides=list(overrides) + ['logging.verbose=true'] * verbose, run_dir=str(run_dir), init_from=handover[st],
                       max_steps=max_steps, max_minutes=max_minutes, headless=True)
         if st != 'debugging': params['resume'] = bool(resume)
         print(f'[pipeline] {st}: running {EXPERIMENTS[st]} -> {run_dir/(st + ".ipynb")}', flush=True)
-        try: run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params, log_output=log_output, cwd=run_dir)
+        try: run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params,   # debugging: its tables stay in its notebook
+                      log_output=log_output and (st != 'debugging' or verbose), cwd=run_dir, verbose=verbose)
         except NotebookStopped as e:
             print(f'[pipeline] {st} stopped by {e.signal}; its checkpoints are saved in {run_dir/st}; '
                   f'continue with: amt pipeline --resume {run_dir}', flush=True)
             raise
-        if st != 'debugging':
-            if not f.exists(): raise RuntimeError(f'{st} finished without writing {f}')
-            summary['stages'][st] = json.loads(f.read_text())
+        if st == 'debugging': print(f'[pipeline] debugging: {debugging_note(run_dir/"debugging")}', flush=True); continue
+        if not f.exists(): raise RuntimeError(f'{st} finished without writing {f}')
+        summary['stages'][st] = json.loads(f.read_text())
     summary['minutes'] = (time.time() - t0) / 60
     if 'stage3' in summary['stages']:
         summary['final'] = summary['stages']['stage3']
@@ -335,6 +406,7 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
     (run_dir/'summary.json').write_text(json.dumps(summary, indent=2))
     print(summary_table(summary['stages']), flush=True)
     if 'learned' in summary: print(f"[pipeline] learned: {summary['learned']}  ({summary['minutes']:.1f} min)", flush=True)
+    print(f"[pipeline] summary: {run_dir/'summary.json'}", flush=True)
     return summary
 
 # %% ../nbs/09_stages.ipynb #c8d7e6f2
@@ -413,19 +485,48 @@ def _limits(max_steps, max_minutes, headless) -> list[str]:
     return ov
 
 def _final_checkpoint(run_dir: Path) -> Path:
+    "A finished run's best.pt, else its last.pt."
     for n in ('best.pt', 'last.pt'):
         if (run_dir/'checkpoints'/n).exists(): return run_dir/'checkpoints'/n
     raise FileNotFoundError(f'no checkpoint in {run_dir/"checkpoints"}: did training stop before its first step?')
 
-def _stage1_files(init_from, cfg: DictConfig) -> dict:
+def _make_stage(stage: int, preset: str, run_dir: Path) -> str:
+    "How to make stage `stage`'s output in `run_dir`: its notebook or its command."
+    return (f"Run stage {stage} in this folder first: nbs/experiments/{EXPERIMENTS[STAGE_NAMES[stage]]} with "
+            f"run_dir={str(run_dir)!r}, or `amt train --stage {stage} --preset {preset} --run-dir {run_dir}`")
+
+def _stage1_files(init_from, cfg: DictConfig, preset: str = 'smoke') -> dict:
     "Component -> weights file of a finished stage 1 (`init_from` = its folder, or one file for everything); skipped components (0 epochs) excepted."
     p = Path(init_from)
     if p.is_file(): return {'all': p}
     files = {c: p/f'{c}.pt' for c in STAGE1_TERMS if stage1_epochs(cfg, c) > 0}
     missing = [str(f) for f in files.values() if not f.exists()]
-    if missing: raise FileNotFoundError(f'stage 2 starts from stage 1\'s component checkpoints; missing: {missing} '
-                                        f'(run stage 1 with this run_dir first, or pass init_from=<one checkpoint>)')
+    if missing:
+        how = (_make_stage(1, preset, p.parent.absolute()) if p.name == STAGE_NAMES[1] else
+               'Give init_from the folder of a finished stage 1')
+        raise FileNotFoundError(f"stage 2 starts from stage 1's component weights; not found: {', '.join(missing)}. "
+                                f"{how}; or set init_from (--init-from) to one checkpoint, or to 'scratch' to train without a stage 1")
     return files
+
+def _stage_start(stage: int, cfg: DictConfig, preset: str, run_dir: Path, init_from) -> Any:
+    "What a stage starts from, checked before any folder is made: 1: a checkpoint or None; 2: stage-1 files ({}: scratch); 3: a checkpoint."
+    if stage not in STAGE_NAMES: raise ValueError(f'stage must be 1, 2 or 3, got {stage!r}')
+    if init_from is not None and str(init_from) != 'scratch' and not Path(init_from).exists():
+        raise FileNotFoundError(f'init_from={str(init_from)!r} does not exist (stage {stage} of {run_dir})')
+    if stage == 1:
+        if not any(stage1_epochs(cfg, c) > 0 for c in STAGE1_TERMS):
+            raise ConfigError('every stage-1 component has 0 epochs (stages.stage1_epochs / stage1_component_epochs): '
+                              'leave stage 1 out (amt pipeline --stages stage2,stage3,debugging) instead')
+        return None if init_from in (None, 'scratch') else Path(init_from)
+    if stage == 2:
+        if str(init_from) == 'scratch': return {}
+        return _stage1_files(run_dir/STAGE_NAMES[1] if init_from is None else init_from, cfg, preset)
+    if init_from is not None and str(init_from) != 'scratch': return Path(init_from)
+    try: return _final_checkpoint(run_dir/STAGE_NAMES[2])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"stage 3 starts from stage 2's {run_dir/STAGE_NAMES[2]/'checkpoints'/'best.pt'}, not found. "
+                                f"{_make_stage(2, preset, run_dir)}; "
+                                'or set init_from (--init-from) to a checkpoint') from None
 
 def _guards_near(weights: Path) -> dict:
     "`guard_summary` of each training run beside a weights file (its folder's and its sub-folders' metrics.csv), by run name."
@@ -444,12 +545,16 @@ def evaluate_weights(cfg: DictConfig, weights: str | os.PathLike, max_train_samp
     model = build_model(cfg)
     model.load_state_dict(load_checkpoint(weights)['model'], strict=True)
     bs, nw = int(cfg.training.batch_size), int(cfg.data.num_workers)
-    train_ds, val_ds = build_dataset(cfg, cfg.data.train_split), build_dataset(cfg, cfg.data.val_split)
-    mean_hand = mean_root_relative_hand(train_ds, max_train_samples, int(cfg.seed), bs, nw)
+    from amt_lib.data.loaders import ignore_stop_signals, build_dataloaders
+    if cfg.data.cache:   # the run's device cache: no sample decoded or rendered again
+        train_dl, val_dl = build_dataloaders(cfg)
+        train_src, val_ds, val_loader = train_dl.cache, val_dl.source, val_dl
+    else:
+        train_src, val_ds = build_dataset(cfg, cfg.data.train_split), build_dataset(cfg, cfg.data.val_split)
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=bs, num_workers=nw, worker_init_fn=ignore_stop_signals if nw else None)
+    mean_hand = mean_root_relative_hand(train_src, max_train_samples, int(cfg.seed), bs, 0 if cfg.data.cache else nw)
     pts = val_ds.object_model_points() if callable(getattr(val_ds, 'object_model_points', None)) else None
-    from amt_lib.data.loaders import ignore_stop_signals
-    s = hand_summary(model, torch.utils.data.DataLoader(val_ds, batch_size=bs, num_workers=nw,
-                                                        worker_init_fn=ignore_stop_signals if nw else None), mean_hand, obj_points=pts)
+    s = hand_summary(model, val_loader, mean_hand, obj_points=pts)
     s['guards'] = _guards_near(Path(weights))
     return s
 
@@ -457,7 +562,7 @@ def run_stage(stage: int, # 1, 2 or 3
               preset: str = 'smoke', # preset name or YAML path
               overrides: Sequence[str] = (), # dotted overrides
               run_dir: str | os.PathLike = 'runs/pipeline', # the pipeline folder; this stage writes <run_dir>/stage<N>/
-              init_from: str | os.PathLike | None = None, # stage 1: a checkpoint or None; 2: stage 1's folder; 3: stage 2's best.pt
+              init_from: str | os.PathLike | None = None, # None: the previous stage in run_dir (stage 1: random init); a checkpoint (stage 2: or stage 1's folder); 'scratch': no previous stage
               max_steps: int | None = None, # per training run (stage 1: per component)
               max_minutes: float | None = None, # per stage (stage 1: split over its components)
               headless: bool | None = None, # True: plain log lines, no progress bars
@@ -467,7 +572,10 @@ def run_stage(stage: int, # 1, 2 or 3
     from amt_lib.learner.train import train, NothingToTrain
     from amt_lib.learner.checkpoint import load_checkpoint
     base = load_config(preset, list(overrides))
-    sdir = Path(run_dir)/STAGE_NAMES[stage]; sdir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir).absolute()
+    for line in recipe_replaces(preset, overrides, stage): print(f'[stage {stage}] {line}', flush=True)
+    start = _stage_start(stage, base, preset, run_dir, init_from)       # a missing input: an error before any folder exists
+    sdir = run_dir/STAGE_NAMES[stage]; sdir.mkdir(parents=True, exist_ok=True)
     t0, steps = time.time(), 0
     def _train(extra: list[str], out_dir: Path, init: Path | None, minutes) -> Path:
         nonlocal steps
@@ -484,10 +592,8 @@ def run_stage(stage: int, # 1, 2 or 3
         steps += int(load_checkpoint(rd/'checkpoints'/'last.pt').get('step', 0))
         return cfg, ck
     if stage == 1:
-        prev = Path(init_from) if init_from else None
+        prev = start
         comps = [c for c in STAGE1_TERMS if stage1_epochs(base, c) > 0]
-        if not comps: raise ConfigError('every stage-1 component has 0 epochs (stages.stage1_epochs / stage1_component_epochs): '
-                                        'leave stage 1 out (amt pipeline --stages stage2,stage3,debugging) instead')
         for c in STAGE1_TERMS:
             if c not in comps: print(f'[stage 1] {c}: 0 epochs, skipped', flush=True); continue
             cfg, ck = _train(stage_overrides(base, 1, c), sdir/c, prev,
@@ -495,23 +601,22 @@ def run_stage(stage: int, # 1, 2 or 3
             prev = weights_file(sdir/c/'checkpoints'/'last.pt', sdir/f'{c}.pt', trained=[c])
         final = prev
     elif stage == 2:
-        files = {} if init_from is None else _stage1_files(init_from, base)
-        if not files:
+        if not start:
             init = None   # no stage 1: start from scratch, the backbone from model.backbone.name
-            print(f"[stage 2] no stage-1 weights: starting from {base.model.backbone.name or 'a random backbone'} "
+            print(f"[stage 2] no stage-1 weights (init_from='scratch'): starting from {base.model.backbone.name or 'a random backbone'} "
                   f"and randomly initialised heads", flush=True)
-        elif 'all' in files: init = weights_file(files['all'], sdir/'init.pt')
+        elif 'all' in start: init = weights_file(start['all'], sdir/'init.pt')
         else:
             from amt_lib.models.amt import build_model
-            init = merge_component_weights(files, sdir/'init.pt', component_prefixes(build_model(base)))
+            print(f"[stage 2] starting from stage 1's {', '.join(str(p) for p in start.values())}", flush=True)
+            init = merge_component_weights(start, sdir/'init.pt', component_prefixes(build_model(base)))
         cfg, ck = _train(stage_overrides(base, 2), sdir, init, max_minutes)
         final = weights_file(ck, sdir/'final_weights.pt')
-    elif stage == 3:
-        if init_from is None: raise ValueError('stage 3 needs init_from: stage 2\'s best.pt')
-        init = weights_file(init_from, sdir/'init.pt')
+    else:
+        print(f'[stage 3] starting from {start}', flush=True)
+        init = weights_file(start, sdir/'init.pt')
         cfg, ck = _train(stage_overrides(base, 3), sdir, init, max_minutes)
         final = weights_file(ck, sdir/'final_weights.pt')
-    else: raise ValueError(f'stage must be 1, 2 or 3, got {stage!r}')
     summary = dict(stage=stage, steps=steps, minutes=(time.time() - t0) / 60, weights=str(final),
                    **evaluate_weights(cfg, final))
     (sdir/'summary.json').write_text(json.dumps(summary, indent=2))
@@ -568,7 +673,9 @@ def recipe(preset: str = 'h200', # preset name or YAML path
             weights={k: _weight_text(cfg, k) for k in LOSS_TERMS},
             refine_from_epoch=int(cfg.model.refine_from_epoch), refine_steps=int(cfg.model.refine_steps),
             hard_mining=float(t.hard_mining_share) if t.hard_mining else None,
-            T_0_epochs=t.T_0_epochs, T_0_steps=None if spe is None and t.T_0_epochs is not None else scheduler_period(cfg, spe or 1),
+            anneal_to_end=bool(t.anneal_to_end),
+            T_0_epochs=t.T_0_epochs, T_0_steps=(None if spe is None and (t.T_0_epochs is not None or t.anneal_to_end) else
+                                                scheduler_period(cfg, spe or 1, None if spe is None else spe * int(t.epochs))),
             T_mult=int(t.T_mult), warmup_steps=int(t.warmup_steps), eval_every=int(t.eval_every),
             checkpoint_every_epochs=int(t.checkpoint_every_epochs), keep_checkpoints=t.keep_checkpoints, config=cfg))
     return rows
@@ -588,8 +695,9 @@ def recipe_table(rows: list[dict]) -> str:
     for r in rows:
         ck = (f"every {r['checkpoint_every_epochs']} ep, keep {r['keep_checkpoints'] if r['keep_checkpoints'] is not None else 'all'}"
               if r['checkpoint_every_epochs'] else 'none') + ' + best + last'
-        t0 = (f"{r['T_0_epochs']:g} ep = {n(r['T_0_steps'], r['steps_exact'])} steps" if r['T_0_epochs'] is not None
-              else f"{r['T_0_steps']:,d} steps") + (f" x{r['T_mult']}" if r['T_mult'] != 1 else '')
+        t0 = (f"one cosine, {n(r['T_0_steps'], r['steps_exact'])} steps" if r['anneal_to_end'] else
+              (f"{r['T_0_epochs']:g} ep = {n(r['T_0_steps'], r['steps_exact'])} steps" if r['T_0_epochs'] is not None
+               else f"{r['T_0_steps']:,d} steps") + (f" x{r['T_mult']}" if r['T_mult'] != 1 else ''))
         out.append([r['name'], str(r['epochs']), n(r['steps_per_epoch'], r['steps_exact']), n(r['steps'], r['steps_exact']),
                     lr(r['lr_heads']), lr(r['lr_backbone']) + (f" (layers 1-{r['backbone_frozen_layers']} frozen)" if r['backbone_frozen_layers'] and r['lr_backbone'] else ''),
                     ', '.join(f for f in r['frozen'] if f != 'backbone') or '-',
@@ -633,13 +741,15 @@ def _train_command(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog='amt train', add_help=False)
     ap.add_argument('--stage', type=int, choices=(1, 2, 3))
     ap.add_argument('--init-from')
+    ap.add_argument('-v', '--verbose', action='store_true')   # every number of each log record (logging.verbose)
     known, rest = ap.parse_known_args(argv)
+    if known.verbose: rest.append('logging.verbose=true')
     if known.stage is None:
         if known.init_from: rest.append(f'training.init_from={json.dumps(known.init_from)}')
         from amt_lib.learner.train import cli_train as plain
         if '-h' in rest or '--help' in rest:
-            print('amt train --stage {1,2,3} [--init-from P]: run one stage of the recipe (amt_lib.stages); '
-                  'without --stage, plain training:\n')
+            print('amt train --stage {1,2,3} [--init-from P] [-v]: run one stage of the recipe (amt_lib.stages); '
+                  '-v: every number of each log record; without --stage, plain training:\n')
         return plain(rest)
     ap2 = argparse.ArgumentParser(prog='amt train', description=f'Run stage {known.stage} of the recipe.')
     ap2.add_argument('--preset', default='smoke'); ap2.add_argument('--run-dir', default=None)
@@ -648,15 +758,17 @@ def _train_command(argv: list[str] | None) -> int:
     ap2.add_argument('overrides', nargs='*')
     a = ap2.parse_args(rest)
     if a.resume and not a.run_dir: ap2.error('--resume needs --run-dir: the pipeline folder holding the interrupted stage')
-    if known.stage in (2, 3) and known.init_from is None:
-        ap2.error(f"--stage {known.stage} needs --init-from: {'stage 1 folder' if known.stage == 2 else 'stage 2 best.pt'}")
+    if known.stage in (2, 3) and known.init_from is None and not a.run_dir:   # with --run-dir: the previous stage in it
+        ap2.error(f"--stage {known.stage} needs --init-from ({'stage 1 folder' if known.stage == 2 else 'stage 2 best.pt'}) "
+                  f"or the --run-dir of a pipeline folder holding stage {known.stage - 1}")
     validate_config(load_config(a.preset, a.overrides), 'train')       # before any stage work starts
-    if known.init_from and not Path(known.init_from).is_dir():         # a file: ours, readable, holding weights
+    if known.init_from not in (None, 'scratch') and not Path(known.init_from).is_dir():   # a file: ours, readable, holding weights
         require_checkpoint(load_checkpoint(known.init_from), known.init_from)
     run_dir = a.run_dir or f"runs/{load_config(a.preset).name}-pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     s = run_stage(known.stage, a.preset, a.overrides, run_dir, known.init_from, a.max_steps, a.max_minutes,
                   headless=not sys.stdout.isatty(), resume=a.resume)
     print(summary_table({STAGE_NAMES[known.stage]: s}))
+    print(f'every number (per joint, per object, the guards): {Path(run_dir).absolute()/STAGE_NAMES[known.stage]/"summary.json"}')
     return 0
 
 def notebook_parameters(nb: str | os.PathLike) -> list[str]:
@@ -682,6 +794,7 @@ def _run_command(argv: list[str] | None) -> int:
     ap.add_argument('notebook', help=f"a notebook path or one of {', '.join(EXPERIMENTS)}")
     ap.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
     ap.add_argument('--preset'); ap.add_argument('--run-dir')
+    ap.add_argument('-v', '--verbose', action='store_true', help="papermill's log cell by cell, displayed results, every number of each log record")
     ap.add_argument('overrides', nargs='*', help='dotted key=value overrides (the notebook\'s `overrides` parameter)')
     a = ap.parse_intermixed_args(argv)      # options, -p pairs and overrides in any order
     nb = Path(a.notebook) if a.notebook not in EXPERIMENTS else experiments_dir()/EXPERIMENTS[a.notebook]
@@ -698,9 +811,11 @@ def _run_command(argv: list[str] | None) -> int:
     preset = params.get('preset', 'smoke')
     name = validate_config(load_config(preset, params.get('overrides', [])), 'train').name
     run_dir = Path(a.run_dir or params.get('run_dir') or f'runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}').absolute()
-    params['run_dir'] = str(run_dir); params.setdefault('headless', True)
+    if 'run_dir' in known: params['run_dir'] = str(run_dir)      # only names the notebook has: papermill warns of any other
+    if 'headless' in known: params.setdefault('headless', True)
+    if a.verbose and 'overrides' in known: params['overrides'] = list(params.get('overrides', [])) + ['logging.verbose=true']
     stage = next((k for k, v in EXPERIMENTS.items() if v == nb.name), nb.stem)
-    try: out = run_notebook(nb, run_dir/f'{stage}.ipynb', params, cwd=run_dir)
+    try: out = run_notebook(nb, run_dir/f'{stage}.ipynb', params, cwd=run_dir, verbose=a.verbose)
     except NotebookFailed as e: print(f'amt run: error: {e}', file=sys.stderr); return 1
     print(f'amt run: {nb.name} finished; executed notebook: {out}')
     return 0
@@ -718,6 +833,7 @@ def _pipeline_command(argv: list[str] | None) -> int:
     ap.add_argument('--max-steps', type=int, help='per training run'); ap.add_argument('--max-minutes', type=float, help='per stage')
     ap.add_argument('--stages', default='stage1,stage2,stage3,debugging', help='comma-separated subset, in order')
     ap.add_argument('--resume', metavar='DIR', help='continue the pipeline in DIR (finished stages kept; its pipeline.json gives the settings)')
+    ap.add_argument('-v', '--verbose', action='store_true', help="papermill's log cell by cell, every number of each log record, the debugging tables")
     ap.add_argument('overrides', nargs='*')
     a = ap.parse_intermixed_args(argv)
     if a.resume:
@@ -726,7 +842,7 @@ def _pipeline_command(argv: list[str] | None) -> int:
         if a.overrides or a.run_dir: ap.error('--resume continues a run with its own settings: give no overrides or --run-dir')
         p = json.loads(f.read_text())
         validate_config(load_config(p['preset'], p['overrides']), 'train')
-        try: run_pipeline(p['preset'], a.resume, p['overrides'], p['max_steps'], p['max_minutes'], p['stages'], resume=True)
+        try: run_pipeline(p['preset'], a.resume, p['overrides'], p['max_steps'], p['max_minutes'], p['stages'], resume=True, verbose=a.verbose)
         except NotebookStopped: return 0
         except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1
         return 0
@@ -737,7 +853,7 @@ def _pipeline_command(argv: list[str] | None) -> int:
     if a.max_steps is not None and a.max_steps < 1: ap.error(f'--max-steps {a.max_steps}: expected an integer >= 1')
     if a.max_minutes is not None and not a.max_minutes > 0: ap.error(f'--max-minutes {a.max_minutes}: expected a number > 0')
     validate_config(load_config(a.preset, a.overrides), 'train')
-    try: run_pipeline(a.preset, a.run_dir, a.overrides, a.max_steps, a.max_minutes, stages)
+    try: run_pipeline(a.preset, a.run_dir, a.overrides, a.max_steps, a.max_minutes, stages, verbose=a.verbose)
     except NotebookStopped: return 0     # a stop signal: the stage saved; the message says how to resume
     except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1
     return 0

@@ -11,12 +11,7 @@ def errors_in(nb_path):
     nb = nbformat.read(nb_path, as_version=4)
     return [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []) if o.get('output_type') == 'error']
 
-@pytest.fixture(scope='module')
-def pipeline_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp('pipe')/'smoke'
-    r = amt('pipeline', '--preset', 'smoke', '--run-dir', str(run_dir), '--max-steps', '3')
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return run_dir, r
+# `pipeline_run` (conftest.py): the smoke pipeline, run once per session; tests/test_console.py reads its console too
 
 def test_every_notebook_ran_without_error(pipeline_run):
     run_dir, _ = pipeline_run
@@ -24,6 +19,17 @@ def test_every_notebook_ran_without_error(pipeline_run):
         p = run_dir/f'{st}.ipynb'
         assert p.exists(), p
         assert errors_in(p) == [], (st, errors_in(p))
+
+def test_debugging_notebook_figures(pipeline_run):
+    "Each debugging figure is shown once in the executed notebook and saved as a PNG; the plotly 3D view carries a static PNG."
+    run_dir, _ = pipeline_run
+    for name in ('diversity', 'activations', 'grad_norms', 'dead_units', 'attention', 'worst_samples', 'hand_object_3d'):
+        assert (run_dir/'debugging'/f'{name}.png').read_bytes()[:4] == b'\x89PNG', name
+    nb = nbformat.read(run_dir/'debugging.ipynb', as_version=4)
+    outs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []) if 'data' in o]
+    plotly = [o for o in outs if 'application/vnd.plotly.v1+json' in o['data']]
+    assert len(plotly) == 1 and 'image/png' in plotly[0]['data'], [list(o['data']) for o in outs]
+    assert sum('image/png' in o['data'] for o in outs) == 7, [list(o['data']) for o in outs]   # 6 figures + the 3D view
 
 def test_stages_wrote_checkpoints_and_metrics(pipeline_run):
     run_dir, _ = pipeline_run
@@ -184,7 +190,7 @@ def test_train_refuses_a_disk_too_small(tmp_path, monkeypatch, capsys):
     assert not (run/'checkpoints').exists()
 
 def test_stage2_without_stage1(tmp_path, capsys):
-    s = run_stage(2, 'smoke', ['logging.progress=quiet', 'logging.plots=false'], tmp_path/'p', init_from=None, max_steps=1)
+    s = run_stage(2, 'smoke', ['logging.progress=quiet', 'logging.plots=false'], tmp_path/'p', init_from='scratch', max_steps=1)
     assert 'no stage-1 weights' in capsys.readouterr().out
     assert s['steps'] == 1 and (tmp_path/'p'/'stage2'/'checkpoints'/'last.pt').exists()
 

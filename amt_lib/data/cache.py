@@ -64,6 +64,13 @@ def _to_numpy(name: str, x: torch.Tensor) -> np.ndarray:
     if name == 'depth': return (x.float() * 1000).round().clamp(0, 65535).to(torch.int32).numpy().astype(np.uint16)
     return x.numpy()
 
+def _alive(pid: int) -> bool:
+    "Is process `pid` running (on this machine)?"
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
 def build_cache(dataset, # any dataset returning THE SAMPLE
                 cache_dir: str | os.PathLike, # parent folder; the cache goes to cache_dir/<key>
                 key: str | None = None, # default: `dataset_key(dataset)`
@@ -71,14 +78,19 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
                 with_maps: bool = False, # also store depth and seg
                 num_workers: int = 0, # DataLoader workers for the one-time decoding
                 batch_size: int = 16,
-                progress: bool = False, # tqdm bar
+                progress: str | bool = 'quiet', # 'bar': a tqdm.auto bar of samples; 'plain': a line at the start, each quarter and the end; 'quiet' (False): nothing
                ) -> Path: # the folder holding <field>.npy and manifest.json
-    "Preprocess a dataset once into memory-mappable .npy files."
+    "Preprocess a dataset once into memory-mappable .npy files, saying how many samples, how many MB and how long."
+    mode = 'bar' if progress is True else 'quiet' if progress is False else progress
+    if mode not in ('bar', 'plain', 'quiet'): raise ValueError(f"progress={progress!r}: expected 'bar', 'plain' or 'quiet'")
     key = key or dataset_key(dataset)
     out = Path(cache_dir)/key
     N = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     if N == 0: raise ValueError(f'cannot cache an empty dataset ({key})')
-    tmp = Path(str(out) + '.partial')
+    tmp = Path(f'{out}.partial-{os.getpid()}')          # per process: two runs building the same cache do not collide
+    for old in Path(cache_dir).glob(f'{key}.partial*'):   # left by a build that was killed
+        pid = old.name.rsplit('-', 1)[-1]
+        if old != tmp and not (pid.isdigit() and _alive(int(pid))): shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     first = dataset[0]
     S = first['image'].shape[-1]
@@ -91,23 +103,39 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
     from amt_lib.data.loaders import ignore_stop_signals     # here: loaders imports this module
     dl = DataLoader(sub, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
                     worker_init_fn=ignore_stop_signals if num_workers else None)   # a stop signal is the main process's to handle
-    if progress:
+    t0, say = time.perf_counter(), (lambda m: print(m, flush=True)) if mode != 'quiet' else (lambda m: None)
+    say(f'caching {key}: {N:,d} samples, about {N * bytes_per_sample(S, with_maps) / 1e6:,.1f} MB, into {out} '
+        '(once: later runs read these files)')
+    bar = None
+    if mode == 'bar':
         from tqdm.auto import tqdm
-        dl = tqdm(dl, desc=f'caching {key}', unit='batch')
+        bar = tqdm(total=N, desc=f'caching {key}', unit='sample')
     i = 0
     for samples in dl:
         n = len(samples)
         for k in fields:
             arrs[k][i:i + n] = _to_numpy(k, torch.stack([s[k] for s in samples]))
         for k, col in _meta_columns([s['meta'] for s in samples], strings).items(): meta[k][i:i + n] = col
+        if bar is not None: bar.update(n)
+        elif mode == 'plain' and i + n < N and (4 * (i + n)) // N > (4 * i) // N:     # a line at each quarter passed
+            say(f'caching {key}: {i + n:,d}/{N:,d} samples after {time.perf_counter() - t0:.0f} s')
         i += n
+    if bar is not None: bar.close()
     for a in [*arrs.values(), *meta.values()]: a.flush()
     del arrs, meta
     errors = getattr(dataset, 'error_report', [])
     (tmp/'manifest.json').write_text(json.dumps(dict(version=CACHE_VERSION, key=key, num_samples=N, image_size=S,
         with_maps=with_maps, fields={k: [list(s), d] for k, (s, d) in fields.items()}, meta_keys=meta_keys,
         strings=strings, skipped=errors, created=time.strftime('%Y-%m-%d %H:%M:%S')), indent=1))
-    shutil.rmtree(out, ignore_errors=True); tmp.rename(out)
+    if read_manifest(out) is not None: shutil.rmtree(tmp, ignore_errors=True)   # another process finished it first: same content
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        try: tmp.rename(out)
+        except OSError:                                   # lost the race to another process's rename
+            if read_manifest(out) is None: raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f'cached {N:,d} samples of {key}: {sum(f.stat().st_size for f in out.iterdir()) / 1e6:,.1f} MB in '
+        f'{time.perf_counter() - t0:.1f} s ({out})')
     return out
 
 def read_manifest(path: str | os.PathLike) -> dict | None:
@@ -158,7 +186,8 @@ class DeviceCache:
                  key: str | None = None, # cache name; default `dataset_key(dataset)`
                  num_workers: int = 0, # workers for the one-time build
                  rebuild: bool = False, # ignore existing files
-                 progress: bool = False):
+                 progress: str | bool = 'quiet', # of a build: 'bar', 'plain' or 'quiet' (`build_cache`)
+                ):
         if dataset is None and key is None: raise ValueError('DeviceCache needs a dataset or the key of an existing cache')
         self.device = torch.device(device)
         key = key or dataset_key(dataset)

@@ -75,6 +75,7 @@ class BatchLoader:
 def build_dataloaders(cfg, # run config
                       device: str | torch.device | None = None, # move DataLoader batches here before augmenting
                       run_dir=None, # DexYCB: skipped frames are logged to <run_dir>/data/errors_<split>.jsonl
+                      progress: str = 'plain', # a first-run cache build: 'bar' (notebook, terminal), 'plain' (log lines), 'quiet'
                      ) -> tuple: # (train_dl, val_dl): BatchLoader or CacheLoader, each with `.source` (its data set)
     "Training and validation loaders of a run (device cache when `cfg.data.cache`)."
     d, bs = cfg.data, cfg.training.batch_size
@@ -88,7 +89,7 @@ def build_dataloaders(cfg, # run config
     if d.cache:
         kw = dict(cache_dir=d.cache_dir or (None if d.source == 'synth' else str(getattr(train, 'root', '')) + '/.amt_cache'),
                   device=d.cache_device, max_gb=d.cache_max_gb, max_samples=d.cache_max_samples,
-                  with_maps=d.cache_maps, num_workers=d.num_workers)
+                  with_maps=d.cache_maps, num_workers=d.num_workers, progress=progress)
         return tag((CacheLoader(DeviceCache(train, **kw), bs, True, aug, cfg.seed, True, hard),
                     CacheLoader(DeviceCache(val, **kw), bs, False, None, cfg.seed, False)))
     return tag((BatchLoader(train, bs, True, aug, d.num_workers, cfg.seed, True, device, hard),

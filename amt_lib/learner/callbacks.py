@@ -13,11 +13,11 @@ from torch import nn, Tensor
 from .core import *
 
 # %% auto #0
-__all__ = ['resolve_device', 'resolve_precision', 'to_device', 'DeviceCB', 'MixedPrecisionCB', 'NonFiniteCB', 'AccumulateCB',
-           'GradClipCB', 'warmup_cosine_restarts', 'param_groups', 'SchedulerCB', 'make_scheduler', 'ema_decay_at',
-           'EMACB', 'EvalCB', 'StopCB', 'Recorder', 'format_record', 'PrintLogCB', 'CSVLogCB', 'read_metrics',
-           'TensorBoardCB', 'WandbCB', 'progress_mode', 'ProgressCB', 'LivePlot', 'plot_history', 'PlotCB',
-           'LRFinderCB', 'lr_find']
+__all__ = ['TABLE_KEYS', 'resolve_device', 'resolve_precision', 'to_device', 'DeviceCB', 'MixedPrecisionCB', 'NonFiniteCB',
+           'AccumulateCB', 'GradClipCB', 'warmup_cosine_restarts', 'param_groups', 'SchedulerCB', 'make_scheduler',
+           'ema_decay_at', 'EMACB', 'EvalCB', 'StopCB', 'Recorder', 'log_keys', 'format_record', 'PrintLogCB',
+           'CSVLogCB', 'read_metrics', 'TensorBoardCB', 'wandb_names', 'WandbCB', 'progress_mode', 'metrics_table',
+           'bar_record', 'ProgressCB', 'LivePlot', 'plot_history', 'PlotCB', 'LRFinderCB', 'lr_find']
 
 # %% ../../nbs/08a_learner.callbacks.ipynb #c5d4370e
 def resolve_device(spec: str = 'auto', # auto | cpu | cuda | cuda:N
@@ -370,24 +370,61 @@ class Recorder(Callback):
         learn.callback('after_log'); self._reset()
     def after_eval(self, learn): learn.history.append(learn.record)
 
-def format_record(r: dict, total_steps: int | None = None, keys: Iterable[str] | None = None) -> str:
-    "One log line: split, step (of total), epoch, then `key value` pairs (4 significant digits)."
+# %% ../../nbs/08a_learner.callbacks.ipynb #e41f6b0c
+def _duration(seconds: float) -> str:
+    "A duration as `1h02m`, `3m05s` or `12s`."
+    s = max(int(round(seconds)), 0)
+    if s >= 3600: return f'{s // 3600}h{s % 3600 // 60:02d}m'
+    return f'{s // 60}m{s % 60:02d}s' if s >= 60 else f'{s}s'
+
+_NOT_TERMS = ('split', 'step', 'epoch', 'minutes', 'samples_per_s', 'skipped', 'grad_norm', 'refine', 'eval_seconds')
+
+def log_keys(r: dict) -> list[str]:
+    "The numbers a console line shows: `loss` and the terms with a non-zero weight `w_<term>`; without weights, every number but the bookkeeping."
+    if any(k.startswith('w_') for k in r):
+        return [k for k in r if k == 'loss' or (isinstance(r.get(f'w_{k}'), (int, float)) and r[f'w_{k}'] != 0)]
+    return [k for k in r if k not in _NOT_TERMS and not k.startswith(('w_', 'lr/', 'guard/', 'hard_mining/'))]
+
+def format_record(r: dict, # a record: split, step, epoch and numbers
+                  total_steps: int | None = None, # the run's optimiser steps: `step 40/800`
+                  keys: Iterable[str] | None = None, # the numbers shown; None: `log_keys(r)` (verbose: every number)
+                  eta: float | None = None, # seconds left in the run, shown as `ETA 3m05s`
+                  verbose: bool = False, # every number of the record (weights, per-group lr and per-component norms excepted)
+                 ) -> str:
+    "One console line: split, step (of total), epoch, the chosen numbers (4 significant digits), lr, samples/s, ETA."
     head = f"[{r['split']}] step {r['step']}" + (f"/{total_steps}" if total_steps else '') + f" ep {r['epoch']}"
-    ks = [k for k in (keys or r) if k in r and k not in ('split', 'step', 'epoch') and not k.startswith(('w_', 'lr/', 'guard/grad_norm/'))]   # per-component norms: CSV/TB/W&B only
+    if keys is None:
+        keys = ([k for k in r if k not in ('split', 'step', 'epoch') and not k.startswith(('w_', 'lr/', 'guard/grad_norm/'))]
+                if verbose else log_keys(r))
+    num = lambda k: isinstance(r.get(k), (int, float))
+    out = [head, ' '.join(f'{k} {r[k]:.4g}' for k in keys if num(k))]
     lrs = [v for k, v in r.items() if k.startswith('lr/')]
-    parts = [f'{k} {r[k]:.4g}' for k in ks if isinstance(r[k], (int, float))]
-    if lrs: parts.append(f'lr {max(lrs):.3g}')
-    return head + ' | ' + ' '.join(parts)
+    if lrs: out.append(f'lr {max(lrs):.3g}')
+    if not verbose and num('samples_per_s'): out.append(f"{r['samples_per_s']:.3g} samples/s")
+    if not verbose and r.get('skipped'): out.append(f"skipped {r['skipped']:g}")
+    if eta is not None: out.append(f'ETA {_duration(eta)}')
+    return ' | '.join(out)
 
 class PrintLogCB(Callback):
-    "Print one line per record to stdout (what papermill's --log-output shows); `val_keys` picks the validation numbers shown."
+    "Print one line per record (the console of a headless run): training lines with the weighted terms, samples/s and the run's ETA; validation lines with `val_keys`."
     order = 80
-    def __init__(self, total_steps: int | None = None, file=None, val_keys: Iterable[str] | None = None):
-        self.total_steps, self.file, self.val_keys = total_steps, file, val_keys
+    def __init__(self, total_steps: int | None = None, # the run's optimiser steps (step x/total and the ETA)
+                 file=None, # default sys.stdout
+                 val_keys: Iterable[str] | None = None, # the validation numbers shown (None: every number)
+                 verbose: bool = False, # every number of every record
+                ):
+        self.total_steps, self.file, self.val_keys, self.verbose = total_steps, file, val_keys, verbose
+    def before_fit(self, learn): self.t0, self.step0 = time.perf_counter(), learn.step_count
+    def eta(self, step: int) -> float | None:
+        "Seconds left in the run: the steps to go at this fit's pace so far (validations included); None before the first step."
+        done = step - getattr(self, 'step0', 0)
+        if not self.total_steps or done <= 0: return None
+        return max(self.total_steps - step, 0) * (time.perf_counter() - self.t0) / done
     def after_log(self, learn):
         r = learn.record
-        keys = self.val_keys if r['split'] == 'val' and self.val_keys else None
-        print(format_record(r, self.total_steps, keys), file=self.file or sys.stdout, flush=True)
+        if r['split'] == 'val': line = format_record(r, self.total_steps, None if self.verbose else self.val_keys, None, self.verbose)
+        else: line = format_record(r, self.total_steps, None, self.eta(r['step']), self.verbose)
+        print(line, file=self.file or sys.stdout, flush=True)
 
 # %% ../../nbs/08a_learner.callbacks.ipynb #5462bb41
 class CSVLogCB(Callback):
@@ -439,11 +476,23 @@ class TensorBoardCB(Callback):
     def close(self): self.writer.close()
 
 # %% ../../nbs/08a_learner.callbacks.ipynb #63fbe552
+def wandb_names(run_dir: str | os.PathLike, # the training run's folder
+                stage: int = 0, # `training.stage`: 0 a plain run, 1-3 a stage of the recipe
+               ) -> tuple[str, str | None]:
+    "W&B (name, group) of a run: a stage inside a pipeline folder is `<run>/<stage>[/<component>]` in group `<run>`; a plain run is its folder."
+    d = Path(run_dir).absolute()
+    if stage and d.parent.name == f'stage{stage}':          # stage 1: <run>/stage1/<component>
+        return f'{d.parent.parent.name}/{d.parent.name}/{d.name}', d.parent.parent.name
+    if stage and d.name == f'stage{stage}': return f'{d.parent.name}/{d.name}', d.parent.name   # stages 2, 3: <run>/stageN
+    return d.name, None
+
 class WandbCB(Callback):
-    "Log every record to Weights & Biases (offline unless `online`; `WANDB_MODE` wins)."
+    "Log every record to Weights & Biases (offline unless `online`; `WANDB_MODE` wins); `name`/`group` default to `wandb_names(run_dir)`."
     order = 80
     def __init__(self, run_dir: str | os.PathLike, project: str = 'amt', config: dict | None = None, online: bool = False,
-                 name: str | None = None):
+                 name: str | None = None, # the run's name in the project
+                 group: str | None = None, # runs of one pipeline share a group (the pipeline folder's name)
+                ):
         import wandb
         self.wandb, run_dir = wandb, Path(run_dir)
         (run_dir/'wandb').mkdir(parents=True, exist_ok=True)
@@ -452,8 +501,8 @@ class WandbCB(Callback):
         idf.write_text(rid)
         # explicit each time: wandb keeps the settings of its first init in a process, env changes included
         mode = os.environ.get('WANDB_MODE') or ('online' if online else 'offline')
-        self.run = wandb.init(project=project, dir=str(run_dir), config=config or {}, name=name or run_dir.name, id=rid,
-                              resume='allow', mode=mode, settings=wandb.Settings(console='off', silent=True))
+        self.run = wandb.init(project=project, dir=str(run_dir), config=config or {}, name=name or run_dir.name, group=group,
+                              id=rid, resume='allow', mode=mode, settings=wandb.Settings(console='off', silent=True))
     def after_log(self, learn):
         r = learn.record
         self.run.log({f"{r['split']}/{k}": v for k, v in r.items() if k not in ('split', 'step') and isinstance(v, (int, float))},
@@ -473,19 +522,102 @@ def progress_mode(setting: str = 'auto') -> str:
     in_kernel = 'ipykernel' in sys.modules and not _under_papermill()
     return 'bar' if in_kernel or sys.stdout.isatty() else 'plain'
 
+# %% ../../nbs/08a_learner.callbacks.ipynb #b1c3e5a7
+TABLE_KEYS = ('loss', 'rr_mpjpe', 'pa_mpjpe', 'spread_ratio', 'obj_pos_err', 'contact_f1')   # bar mode's table (all go to metrics.csv)
+_MM_KEYS = ('mpjpe', 'rr_mpjpe', 'pa_mpjpe', 'obj_pos_err')   # table headers say (mm)
+
+def metrics_table(rows: list[dict], # one per validation: step, epoch, train_loss, the validation numbers, time
+                 ) -> dict:
+    "Validation rows as a display bundle: `text/html` (a table) and `text/plain` (the same table, fixed-width columns)."
+    from html import escape
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = [f'{k} (mm)' if k in _MM_KEYS else k for k in cols]
+    fmt = lambda v: str(v) if isinstance(v, (int, str)) else f'{v:.4g}'
+    cells = [[fmt(r[k]) if k in r else '' for k in cols] for r in rows]
+    w = [max(len(h), 10) for h in head]
+    text = '\n'.join('  '.join(c.rjust(w[i]) for i, c in enumerate(row)) for row in [head] + cells)
+    th = ''.join(f'<th>{escape(h)}</th>' for h in head)
+    trs = ''.join('<tr>' + ''.join(f'<td>{escape(c)}</td>' for c in row) + '</tr>' for row in cells)
+    return {'text/plain': text, 'text/html': f'<table class="amt-metrics"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'}
+
+def bar_record(bar, # a tqdm bar (std or notebook)
+               note: str = '', # appended, e.g. why the run stopped early
+              ) -> dict:
+    "A tqdm bar as a static display bundle: tqdm's line as `text/plain`; a `<progress>` element and the same numbers as `text/html`."
+    from html import escape
+    d = bar.format_dict
+    short = '{desc}: ' if d['prefix'] else ''
+    short += '{percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]'
+    line, numbers = bar.format_meter(**{**d, 'ascii': False}), bar.format_meter(**{**d, 'bar_format': short})
+    if note: line, numbers = f'{line} ({note})', f'{numbers} ({note})'
+    html = (f'<div class="amt-progress"><progress value="{d["n"]}" max="{d["total"] or d["n"]}" '
+            f'style="width:30%;vertical-align:middle"></progress> <code>{escape(numbers)}</code></div>')
+    return {'text/plain': line, 'text/html': html}
+
+def _close_widget(w):
+    "Close an ipywidget, its children, layout and style (their models leave the kernel)."
+    for c in getattr(w, 'children', ()): _close_widget(c)
+    for sub in (getattr(w, 'layout', None), getattr(w, 'style', None)):
+        if hasattr(sub, 'close'): sub.close()
+    w.close()
+
 class ProgressCB(Callback):
-    "A tqdm.auto bar over optimiser steps, with the last loss in its postfix."
+    "Bar mode: one tqdm bar over the run's optimiser steps (rate, ETA, last loss) and one table of the validations, updated in place; finished, the bar stays as static text/HTML."
     order = 80
-    def __init__(self, total_steps: int, initial: int = 0): self.total, self.initial, self.bar = total_steps, initial, None
+    def __init__(self, total_steps: int, # optimiser steps of the whole run
+                 initial: int = 0, # steps already done (default: the learner's step count, >0 when resumed)
+                 desc: str = '', # the bar's label, e.g. 'stage1/hand_encoder'
+                 table_keys: Iterable[str] = TABLE_KEYS, # validation numbers in the table (those a record has)
+                 notebook: bool | None = None, # ipywidgets bar and display handles; False: a terminal bar and printed rows (None: inside a Jupyter kernel)
+                ):
+        self.total, self.initial, self.desc, self.table_keys, self.notebook = total_steps, initial, desc, tuple(table_keys), notebook
+        self.bar = self.bar_handle = self.table_handle = self.record = None
+        self.rows: list[dict] = []
+
     def before_fit(self, learn):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=self.total, initial=self.initial or learn.step_count, unit='step', dynamic_ncols=True)
+        self.nb = _in_kernel() if self.notebook is None else self.notebook
+        self.rows, self.table_handle, self.record, self.train_loss, self.t0 = [], None, None, None, time.perf_counter()
+        kw = dict(total=self.total, initial=self.initial or learn.step_count, desc=self.desc or None, unit='step')
+        if self.nb:
+            from tqdm.notebook import tqdm
+            from IPython.display import display
+            self.bar = tqdm(**kw, display=False)                            # shown under our display id: replaced when done
+            self.bar_handle = display(self.bar.container, display_id=True)
+        else:
+            from tqdm.std import tqdm
+            self.bar = tqdm(**kw, dynamic_ncols=True)
+
     def after_batch(self, learn):
         if learn.stepped: self.bar.update(1)
+
     def after_log(self, learn):
-        if learn.record['split'] == 'train': self.bar.set_postfix(loss=f"{learn.record.get('loss', float('nan')):.4g}")
+        r = learn.record
+        if r['split'] == 'train' and isinstance(r.get('loss'), float):
+            self.train_loss = r['loss']; self.bar.set_postfix(loss=f'{self.train_loss:.4g}')
+
+    def after_eval(self, learn):   # before PlotCB (order 85): the table sits between the bar and the figure
+        r = learn.record
+        row = {'step': r['step'], 'epoch': r['epoch']} | ({'train_loss': self.train_loss} if self.train_loss is not None else {})
+        row |= {('val_loss' if k == 'loss' else k): r[k] for k in self.table_keys if isinstance(r.get(k), (int, float))}
+        row['time'] = self.bar.format_interval(time.perf_counter() - self.t0)
+        self.rows.append(row)
+        t = metrics_table(self.rows)
+        if not self.nb:
+            lines = t['text/plain'].split('\n')
+            for line in lines if len(self.rows) == 1 else lines[-1:]: self.bar.write(line)
+        elif self.table_handle is None:
+            from IPython.display import display
+            self.table_handle = display(t, raw=True, display_id=True)
+        else: self.table_handle.update(t, raw=True)
+
     def cleanup_fit(self, learn):
-        if self.bar is not None: self.bar.close()
+        if self.bar is None or self.record is not None: return
+        reason = getattr(learn, 'stop_reason', None)
+        self.record = bar_record(self.bar, reason if reason and self.bar.n < self.total else '')
+        self.bar.close()
+        if self.nb and self.bar_handle is not None:   # a reopened notebook shows this record, not "Error displaying widget: model not found"
+            self.bar_handle.update(self.record, raw=True)
+            _close_widget(self.bar.container)
 
 # %% ../../nbs/08a_learner.callbacks.ipynb #47e54c76
 def _in_kernel() -> bool:
@@ -512,30 +644,60 @@ class LivePlot:
             else: self.handle.update(Image(data=png))
         return png
 
+_NOT_LOSS = ('split', 'step', 'epoch', 'grad_norm', 'samples_per_s', 'skipped', 'minutes', 'eval_seconds', 'refine')
+_LINE_STYLES = ('-', '--', '-.', ':')
+
+def _styles(n: int) -> list[tuple[str, str]]:
+    "`n` (colour, line style) pairs, no two alike up to 40: the 10 tab10 colours, each with the 4 line styles in turn."
+    return [(f'C{i % 10}', _LINE_STYLES[(i % 10 + i // 10) % 4]) for i in range(n)]
+
+def _lr_curves(tr: list[dict]) -> list[tuple[str, list, list]]:
+    "The param groups' learning-rate curves, identical ones merged into one (label, steps, lrs)."
+    names = list(dict.fromkeys(k for r in tr for k in r if k.startswith('lr/')))
+    curves = {}
+    for k in names:
+        pts = tuple((r['step'], r[k]) for r in tr if isinstance(r.get(k), (int, float)))
+        if pts: curves.setdefault(pts, []).append(k[3:])
+    if len(curves) == 1 and len(names) > 1: return [(f'all {len(names)} groups', *map(list, zip(*next(iter(curves)))))]
+    out = []
+    for pts, ns in curves.items():   # a group's `.no_decay` twin follows the same schedule: name the group once
+        out.append((', '.join(n for n in ns if not (n.endswith('.no_decay') and n[:-len('.no_decay')] in ns)), *map(list, zip(*pts))))
+    return out
+
 def plot_history(history: list[dict], # records of a run (learn.history or read_metrics)
-                 val_keys: Iterable[str] = ('rr_mpjpe', 'pa_mpjpe', 'mpjpe', 'loss'),
+                 val_keys: Iterable[str] = ('rr_mpjpe', 'pa_mpjpe', 'mpjpe'), # validation joint errors, mm
                 ):
-    "Figure of a run: training loss terms (log scale), validation metrics and the learning rate, against the optimiser step."
+    "Figure of a run against the optimiser step: loss terms (unitless, log), validation joint errors (mm), learning rates."
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(13, 3.6)); axs = fig.subplots(1, 3)
+    fig = Figure(figsize=(10, 8.4), layout='constrained')
+    ax_loss, ax_mm, ax_lr = fig.subplots(3, 1, height_ratios=(3.6, 2.4, 1.8))
     tr = [r for r in history if r.get('split') == 'train']; va = [r for r in history if r.get('split') == 'val']
-    skip = ('split', 'step', 'epoch', 'grad_norm', 'samples_per_s', 'skipped', 'minutes', 'eval_seconds')
-    terms = [k for k in (tr[-1] if tr else {}) if k not in skip and not k.startswith(('w_', 'lr/', 'guard/'))]
-    for k in terms:
-        pts = [(r['step'], r[k]) for r in tr if isinstance(r.get(k), float) and math.isfinite(r[k]) and r[k] > 0]
-        if pts: axs[0].plot(*zip(*pts), label=k, lw=2 if k == 'loss' else 1)
-    axs[0].set_yscale('log'); axs[0].set_title('train loss terms'); axs[0].set_xlabel('step')
-    if terms: axs[0].legend(fontsize=6, ncol=2)
-    for k in val_keys:
-        pts = [(r['step'], r[k]) for r in va if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-        if pts: axs[1].plot(*zip(*pts), 'o-', label=k)
-    axs[1].set_title('validation (mm for MPJPE)'); axs[1].set_xlabel('step')
-    if va: axs[1].legend(fontsize=7)
-    for k in [k for k in (tr[-1] if tr else {}) if k.startswith('lr/')]:
-        axs[2].plot([r['step'] for r in tr], [r[k] for r in tr], label=k[3:])
-    axs[2].set_title('learning rate'); axs[2].set_xlabel('step'); axs[2].set_yscale('log')
-    if tr: axs[2].legend(fontsize=6)
-    fig.tight_layout()
+    def pts(rows, k, positive=False):
+        return [(r['step'], r[k]) for r in rows
+                if isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and (r[k] > 0 or not positive)]
+    last = tr[-1] if tr else {}
+    terms = [k for k in dict.fromkeys(k for r in tr for k in r)
+             if k not in _NOT_LOSS and k != 'loss' and not k.startswith(('w_', 'lr/', 'guard/'))]
+    if p := pts(tr, 'loss', True): ax_loss.plot(*zip(*p), color='k', lw=2.2, label='loss (training total)')
+    if p := pts(va, 'loss', True): ax_loss.plot(*zip(*p), 'o--', color='k', lw=1.2, ms=4, label='loss (validation)')
+    for k, (c, ls) in zip(terms, _styles(len(terms))):   # log scale: a term at 0 has nothing to draw
+        if p := pts(tr, k, True): ax_loss.plot(*zip(*p), color=c, ls=ls, lw=1.3, label=k + (' (w=0)' if last.get(f'w_{k}') == 0 else ''))
+    ax_loss.set_yscale('log'); ax_loss.set_title('loss terms'); ax_loss.set_ylabel('loss (unitless, log scale)')
+    val_keys = list(val_keys)
+    for k, (c, ls) in zip(val_keys, _styles(len(val_keys))):
+        if p := pts(va, k): ax_mm.plot(*zip(*p), 'o', color=c, ls=ls, ms=4, label=k)
+    ax_mm.set_title('validation joint errors'); ax_mm.set_ylabel('error (mm)')
+    lrs = _lr_curves(tr)
+    for (label, s, v), (c, ls) in zip(lrs, _styles(len(lrs))): ax_lr.plot(s, v, color=c, ls=ls, lw=1.3, label=label)
+    vals = [x for _, _, v in lrs for x in v if x > 0]
+    if vals and max(vals) > 10 * min(vals): ax_lr.set_yscale('log')   # a narrow range reads better on a linear axis
+    ax_lr.set_title('learning rate per parameter group'); ax_lr.set_ylabel('learning rate')
+    steps = [r['step'] for r in history if isinstance(r.get('step'), (int, float))]
+    for ax in (ax_loss, ax_mm, ax_lr):
+        ax.set_xlabel('optimiser step'); ax.grid(alpha=0.3)
+        if steps and max(steps) > 0: ax.set_xlim(0, max(steps) * 1.02)
+        if ax.get_legend_handles_labels()[0]:   # outside, to the right of the data
+            ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=7, handlelength=3, frameon=False)
     return fig
 
 class PlotCB(Callback):

@@ -180,8 +180,10 @@ def config_mismatch(saved: str | dict | DictConfig, # the checkpoint's config (Y
                     current: str | dict | DictConfig, # the run's config
                     prefixes: Iterable[str] = ('model.',), ignore: Iterable[str] = ARCH_IGNORE,
                    ) -> list[tuple[str, Any, Any]]:
-    "(key, checkpoint value, current value) for every key under `prefixes` that differs (missing keys count)."
+    "(key, checkpoint value, current value) for every key under `prefixes` that differs (missing keys count; see below)."
     a, b = _flat(_as_dict(saved)), _flat(_as_dict(current))
+    from amt_lib.config import load_config   # a key added after the checkpoint was written stands for its base.yaml default,
+    a = {**{k: v for k, v in _flat(_as_dict(load_config('base'))).items() if k not in a}, **a}   # the behaviour before the key existed
     keys = sorted(k for k in set(a) | set(b) if k.startswith(tuple(prefixes)) and k not in set(ignore))
     miss = '<missing>'
     return [(k, a.get(k, miss), b.get(k, miss)) for k in keys if a.get(k, miss) != b.get(k, miss)]

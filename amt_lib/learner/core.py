@@ -262,7 +262,7 @@ class Learner:
         "Mean loss and terms over `dl` plus the evaluator's metrics, in eval mode, leaving the RNGs and train mode untouched."
         dl, model = dl if dl is not None else self.valid_dl, model if model is not None else self.model
         sums, n = {}, 0
-        was_training = model.training
+        was_training, train_batch = model.training, getattr(self, 'batch', None)
         model.eval()
         try:
             with rng_preserved():
@@ -278,7 +278,7 @@ class Learner:
                         if isinstance(v, Tensor) and v.numel() == 1: sums[k] = sums.get(k, 0.) + float(v) * bs
                     n += bs
                     if evaluator is not None: evaluator.update(preds, self.batch)
-        finally: model.train(was_training)
+        finally: model.train(was_training); self.batch = train_batch   # callbacks after this step see its training batch
         res = {k: v / max(n, 1) for k, v in sums.items()}
         if evaluator is not None: res.update({k: float(v) for k, v in evaluator.compute().items()})
         return res

@@ -105,11 +105,15 @@ def _order_warning(ck: dict, cfg: DictConfig) -> str | None:
     return 'warning: resuming with other data-order settings: ' + ', '.join(d) if d else None
 
 # %% ../../nbs/08e_learner.train.ipynb #f1a2b3c2
-def scheduler_period(cfg: DictConfig, # uses training.T_0_epochs and training.T_0
+def scheduler_period(cfg: DictConfig, # uses training.anneal_to_end, training.T_0_epochs and training.T_0
                      steps_per_epoch: int, # optimiser steps per epoch
+                     run_steps: int | None = None, # optimiser steps of this run (`total_steps`): needed by anneal_to_end
                     ) -> int: # T_0 in optimiser steps
-    "The first cosine warm-restart period: `training.T_0_epochs` x steps per epoch when set, else `training.T_0` steps."
+    "The first cosine period: the run's steps after warm-up (anneal_to_end), `training.T_0_epochs` x steps per epoch, or `training.T_0`."
     tc = cfg.training
+    if tc.anneal_to_end:
+        if run_steps is None: raise ValueError('training.anneal_to_end needs the run\'s number of steps (run_steps)')
+        return max(int(run_steps) - int(tc.warmup_steps), 1)
     if tc.T_0_epochs is None: return int(tc.T_0)
     if tc.T_0_epochs <= 0: raise ConfigError(f'training.T_0_epochs={tc.T_0_epochs}: expected a positive number of epochs or null')
     return max(round(float(tc.T_0_epochs) * steps_per_epoch), 1)
@@ -172,12 +176,13 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
     dcfg = cfg
     if world_size > 1:   # loaders draw global batches; each rank keeps its share
         dcfg = OmegaConf.merge(cfg, {'training': {'batch_size': tc.batch_size * world_size}})
-    train_dl, val_dl = build_dataloaders(dcfg, device=device if device.type == 'cuda' else None, run_dir=run_dir)
+    train_dl, val_dl = build_dataloaders(dcfg, device=device if device.type == 'cuda' else None, run_dir=run_dir,
+                                         progress=progress_mode(lc.progress) if main else 'quiet')   # a first-run cache build
     sources = (train_dl.source, val_dl.source)                       # the data sets, for the skip reports
     train_dl = ResumableLoader(train_dl, rank, world_size)
     groups = param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module})
     opt = torch.optim.AdamW(groups, lr=tc.lr)
-    T_0 = scheduler_period(cfg, _steps_per_epoch(len(train_dl), tc.accumulation))
+    T_0 = scheduler_period(cfg, _steps_per_epoch(len(train_dl), tc.accumulation), total_steps(cfg, len(train_dl)))
     sched = make_scheduler(opt, tc.warmup_steps, T_0, tc.T_mult, tc.min_lr)
     objective = AMTObjective(loss_module)
     learn = Learner(model, (train_dl, val_dl), objective, opt=opt, lr=tc.lr, predict_func=amt_predict)
@@ -204,10 +209,12 @@ def build_learner(cfg: DictConfig, run_dir: str | os.PathLike, ckpt: dict | None
         cbs += [EvalCB(tc.eval_every, Evaluator),
                 CheckpointCB(run_dir/'checkpoints', tc.checkpoint_every_epochs, tc.monitor, 'min', extra, tc.keep_checkpoints),
                 CSVLogCB(run_dir/'metrics.csv', resume_step)]
-        if mode != 'quiet': cbs.append(PrintLogCB(n_total, val_keys=VAL_LOG_KEYS))
-        if mode == 'bar': cbs.append(ProgressCB(n_total))
+        if mode == 'plain': cbs.append(PrintLogCB(n_total, val_keys=VAL_LOG_KEYS, verbose=lc.verbose))   # bar mode: no log lines, the bar and its table
+        if mode == 'bar': cbs.append(ProgressCB(n_total, desc=f'{run_dir.parent.name}/{run_dir.name}'))
         if lc.tensorboard: cbs.append(TensorBoardCB(run_dir/'tb', purge_step=resume_step + 1 if resume_step is not None else None))
-        cbs.append(WandbCB(run_dir, lc.wandb_project, OmegaConf.to_container(cfg, resolve=True), online=bool(lc.wandb)))
+        name, group = wandb_names(run_dir, tc.stage)          # a pipeline's runs: <run>/<stage>/<component> in group <run>
+        cbs.append(WandbCB(run_dir, lc.wandb_project, OmegaConf.to_container(cfg, resolve=True), online=bool(lc.wandb),
+                           name=name, group=group))
         if lc.plots: cbs.append(PlotCB(run_dir/'plots'))
     cbs += list(callbacks)
     for cb in cbs: cb.learn = learn

@@ -71,7 +71,8 @@ def build_model(cfg, # a config from `load_config` (uses `model` and `data.image
     if not 0. <= share <= 1.: raise ValueError(f'model.head_checkpoint_share={share}: expected 0..1')
     H, heads, L, p = int(m.hidden_dim), int(m.num_heads), int(m.num_layers), float(m.dropout)
     grid = S // int(m.backbone.patch_size)
-    hand = HandEncoder(token_dim, H, heads, L, int(m.point_hidden), p, S, m.mano_path, share, grid)
+    hand = HandEncoder(token_dim, H, heads, L, int(m.point_hidden), p, S, m.mano_path, share, grid, float(m.joint_residual_scale),
+                       int(m.mc_vertex_stride))
     obj = ObjectEncoder(token_dim, H, heads, L, int(m.num_objects), int(m.num_classes), p, S, share, grid)
     refiner = PixelAlignedRefiner(token_dim, H, heads, int(m.refine_layers), H, H, 21, int(m.num_objects),
                                   int(m.refine_steps), p, S, share)

@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DINOV2_CONFIGS', 'BackboneWeightsError', 'BackboneKeysError', 'tiny_dinov2_config',
-           'dinov2_config', 'strict_from_pretrained', 'load_dinov2', 'DinoBackbone', 'build_backbone']
+           'dinov2_config', 'strict_from_pretrained', 'load_dinov2', 'ConvStem', 'DinoBackbone', 'build_backbone']
 
 # %% ../../nbs/06_models.backbone.ipynb #608debf6
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -118,6 +118,31 @@ def load_dinov2(name:str|None, # HF model name or local folder; None -> tiny ran
         except Exception: pass
     raise BackboneWeightsError(_weights_help(name))
 
+# %% ../../nbs/06_models.backbone.ipynb #c2085cff
+class ConvStem(nn.Module):
+    "DINOv2's patch projection replaced by stride-2 conv-BN-GELU blocks down to the patch grid and a 1×1 projection."
+    def __init__(self, patch:int, # pixels per token side: a power of two
+                 dim:int, # token width
+                 width:int=16, # channels of the first convolution; doubled at each stride, at most `dim`
+                ):
+        super().__init__()
+        n = patch.bit_length() - 1
+        if patch < 2 or 2 ** n != patch:
+            raise ValueError(f'model.backbone.stem=conv needs a power-of-two model.backbone.patch_size, got {patch} (try 8 or 16)')
+        chs = [3] + [min(dim, width * 2 ** i) for i in range(n)]
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.GELU())
+                                    for a, b in zip(chs, chs[1:])])
+        self.proj = nn.Conv2d(chs[-1], dim, 1)
+    @property
+    def weight(self) -> Tensor: return self.proj.weight   # transformers casts the input to `projection.weight.dtype`
+    def forward(self, x:Tensor, # (B,3,H,W) normalised image
+               ) -> Tensor: # (B,dim,H/patch,W/patch)
+        return self.proj(self.body(x))
+    def train(self, mode:bool=True):
+        "A frozen stem (no trainable parameter) keeps its BatchNorm statistics fixed too."
+        return super().train(mode and any(p.requires_grad for p in self.parameters()))
+
+
 # %% ../../nbs/06_models.backbone.ipynb #fff0b229
 class DinoBackbone(nn.Module):
     "DINOv2 encoder: 0..1 images -> LayerNorm-ed tokens of `feature_layers` (and feature maps for the refinement)."
@@ -199,9 +224,15 @@ def build_backbone(mcfg, # the `model` section of a config
     "The encoder described by `cfg.model.backbone`."
     b = mcfg.backbone
     pre = b.pretrained if pretrained is None else pretrained
+    if b.stem not in ('patch', 'conv'): raise ValueError(f"model.backbone.stem={b.stem!r}: expected 'patch' or 'conv'")
+    if b.stem == 'conv' and b.name is not None and pre:
+        raise ValueError(f'model.backbone.stem=conv replaces the patch embedding of the pretrained {b.name!r}: use stem=patch '
+                         'with pretrained weights, or model.backbone.pretrained=false / name=null to train from scratch')
     dino = load_dinov2(b.name, pretrained=pre, attn_implementation=b.attn_implementation,
                        tiny=dict(hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
                                  patch_size=b.patch_size, image_size=image_size))
+    if b.stem == 'conv':
+        dino.embeddings.patch_embeddings.projection = ConvStem(int(b.patch_size), dino.config.hidden_size, int(b.stem_width))
     bb = DinoBackbone(dino, feature_layers=list(b.feature_layers), freeze_layers=b.freeze_layers, image_size=image_size)
     if b.gradient_checkpointing: bb.set_gradient_checkpointing(True)
     return bb

@@ -46,9 +46,13 @@ class HandEncoder(nn.Module):
                  mano_path:str|None=None, # model.mano_path (None: the generated hand model)
                  checkpoint_share:float=0.,
                  grid:int|None=None, # patches per side; None: image_size // 14
+                 residual_scale:float=0.05, # metres per unit of the direct joint correction (model.joint_residual_scale)
+                 vertex_stride:int=1, # the multi-coordinate encoder reads every this-th mesh vertex (model.mc_vertex_stride)
                 ):
         super().__init__()
-        self.mano = MANOLayer(mano_path)
+        self.mano, self.residual_scale = MANOLayer(mano_path), float(residual_scale)
+        if int(vertex_stride) < 1: raise ValueError(f'model.mc_vertex_stride={vertex_stride}: expected an integer >= 1')
+        self.vertex_stride = int(vertex_stride)
         self.in_proj = nn.Sequential(nn.Linear(token_dim, dim), nn.LayerNorm(dim))
         self.query = nn.Parameter(torch.randn(1, 1, dim))
         self.spatial = SpatialSummary(dim, grid or image_size // 14, dropout=dropout)   # layout-aware start for the query
@@ -81,8 +85,9 @@ class HandEncoder(nn.Module):
         trans = root - m['joints'][:, ROOT_JOINT]
         verts, joints_mano = m['verts'] + trans[:, None], m['joints'] + trans[:, None]
         # the features are invariant to rigid motions, so the untranslated mesh gives the same numbers
-        feats = multi_coordinate_features(m['verts'], local_frames(m['transforms'], m['verts'], self.mano.side))  # (B,778,67)
+        frames = local_frames(m['transforms'], m['verts'], self.mano.side)              # (B,22,4,4) from the full mesh
+        feats = multi_coordinate_features(m['verts'][:, ::self.vertex_stride], frames)  # (B,778/stride,67)
         g = self.fuse_norm(h + self.fuse(torch.cat([h, self.mc_encoder(feats)], -1)))  # (B,dim)
-        joints = joints_mano + 0.05 * self.joint_head(g).view(B, 21, 3)
+        joints = joints_mano + self.residual_scale * self.joint_head(g).view(B, 21, 3)
         return dict(joints=joints, joints_mano=joints_mano, conf=torch.sigmoid(self.conf_head(g)),
                     pose=pose, betas=betas + self.betas_refine(g), betas_coarse=betas, trans=trans, verts=verts, feat=g)
