@@ -174,6 +174,7 @@ def run_benchmarks(preset: str = 'smoke', overrides: Sequence[str] = (), # the m
                    infer_batch: int | None = None, # throughput batch; default 64 on CUDA, 16 on CPU
                    steps: int = 5, iters: int = 10, compile_timeout_s: float = 300., device: str = 'auto',
                    plain_steps: int = 768, # plain_cnn: optimiser steps of the plain CNN
+                   plain_batch: int = 32, # plain_cnn: its batch size (the issue's yardstick: 768 steps of 32, whatever the preset's batch)
                    overhead_steps: int | None = None, # overhead: steps of each loop; None: one epoch of the preset
                    overhead_stage: int = 2, # overhead: the recipe stage whose config is timed (2 or 3; 0: the preset as it is)
                    log: Callable[[str], Any] = print) -> dict:
@@ -264,8 +265,9 @@ def run_benchmarks(preset: str = 'smoke', overrides: Sequence[str] = (), # the m
                              None if r['train_flops'] is None else r['train_flops'] / 1e12, 'TFLOP',
                              note=f"{r['steps']} steps, {r['samples']} samples{per}"))
     if 'plain_cnn' in sections:
-        log(f'plain CNN: {plain_steps} steps on the training batches of {preset} ...')
-        p = D['plain_cnn'] = train_plain_cnn(cfg, plain_steps, device=str(dev), log=log)
+        log(f'plain CNN: {plain_steps} steps of {plain_batch} on the training samples of {preset} ...')
+        p = D['plain_cnn'] = train_plain_cnn(load_config(preset, list(overrides) + [f'training.batch_size={plain_batch}']),
+                                             plain_steps, device=str(dev), log=log)
         F.append(_figure(f"plain CNN rr-MPJPE after {p['steps']} steps of {p['batch_size']}", p['rr_mpjpe'], 'mm', 'mean-pose baseline',
                          p['mean_pose_rr_mpjpe'], note=f"PA-MPJPE {p['pa_mpjpe']:.1f} mm, {p['n_val']} validation frames; "
                          f"{p['params'] / 1e6:.2f}M parameters; trained in {p['seconds'] / 60:.1f} min at {p['samples_per_s']:.0f} samples/s"))
@@ -320,6 +322,7 @@ def _bench_command(argv: list[str] | None) -> int:
     ap.add_argument('--steps', type=int, default=5); ap.add_argument('--iters', type=int, default=10)
     ap.add_argument('--compile-timeout', type=float, default=300.); ap.add_argument('--device', default='auto')
     ap.add_argument('--plain-steps', type=int, default=768, help='plain_cnn: optimiser steps of the plain CNN')
+    ap.add_argument('--plain-batch', type=int, default=32, help='plain_cnn: its batch size (the AMT hand run trains on as many samples at the preset\'s batch)')
     ap.add_argument('--overhead-steps', type=int, default=None, help='overhead: steps of each loop (default: one epoch)')
     ap.add_argument('--overhead-stage', type=int, default=2, help='overhead: time the config of recipe stage 2 or 3 (0: the preset as it is)')
     ap.add_argument('overrides', nargs='*', help='dotted config overrides')
@@ -328,13 +331,14 @@ def _bench_command(argv: list[str] | None) -> int:
     bad = set(secs) - set(SECTIONS + YARDSTICKS)
     if bad: raise ConfigError(f"--only: unknown section(s) {sorted(bad)}; sections are {', '.join(SECTIONS + YARDSTICKS)}")
     if a.overhead_stage not in (0, 2, 3): raise ConfigError(f'--overhead-stage {a.overhead_stage}: expected 2, 3 or 0 (the preset as it is)')
-    for k in ('train_batch', 'infer_batch', 'steps', 'iters', 'plain_steps', 'overhead_steps'):
+    for k in ('train_batch', 'infer_batch', 'steps', 'iters', 'plain_steps', 'plain_batch', 'overhead_steps'):
         if getattr(a, k) is not None and getattr(a, k) < 1: raise ConfigError(f"--{k.replace('_', '-')} {getattr(a, k)}: expected an integer >= 1")
     from amt_lib.inference import resolve_device
     resolve_device(a.device)                                                  # a device that is not there: named now
     validate_config(load_config(a.preset, a.overrides), 'bench')               # before anything is built
     rec = run_benchmarks(a.preset, a.overrides, secs, a.train_batch, a.infer_batch, a.steps, a.iters,
-                         a.compile_timeout, a.device, a.plain_steps, a.overhead_steps, a.overhead_stage, log=lambda s: print(s, flush=True))
+                         a.compile_timeout, a.device, plain_steps=a.plain_steps, plain_batch=a.plain_batch,
+                         overhead_steps=a.overhead_steps, overhead_stage=a.overhead_stage, log=lambda s: print(s, flush=True))
     print(bench_table(rec))
     if a.json:
         p = Path(a.json); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(rec, indent=1))

@@ -6,7 +6,7 @@ def test_bench_yardsticks(tmp_path):
     "All three parts in one `amt bench` call write their figures and details into the JSON record (a few steps: the command, not the speed)."
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = cli_bench(['--preset', 'smoke', '--parts', 'plain_cnn,overhead,stage_flops', '--plain-steps', '3', '--overhead-steps', '3',
+        rc = cli_bench(['--preset', 'smoke', '--parts', 'plain_cnn,overhead,stage_flops', '--plain-steps', '3', '--plain-batch', '4', '--overhead-steps', '3',
                         '--json', str(tmp_path/'b.json'), 'data.image_size=56', 'model.sigma_reparam=false'])
     assert rc == 0, out.getvalue()
     rec = json.loads((tmp_path/'b.json').read_text())
@@ -24,6 +24,11 @@ def test_bench_yardsticks(tmp_path):
     assert (p['steps'], p['samples'], p['params']) == (3, 12, 913_327)
     f = figs['plain CNN rr-MPJPE after 3 steps of 4']
     assert f['value'] == p['rr_mpjpe'] and f['baseline'] == p['mean_pose_rr_mpjpe'] and f['ratio'] > 0
+    # the AMT's side: the recipe's stage-1 hand run on as many samples as the CNN saw
+    a = D['amt_hand']
+    assert (a['samples'], a['steps'], a['batch_size']) == (12, 3, 4) and a['rr_mpjpe'] > 0
+    f = figs['AMT hand run rr-MPJPE after 12 samples (3 steps of 4)']
+    assert f['baseline'] == p['rr_mpjpe'] and f['baseline_name'] == 'plain CNN, same samples'
     # overhead: stage 2's config, Learner vs bare loop on the same batches
     o = D['overhead']
     assert o['steps'] == 3 and o['same_batches'] and o['batch_order_sha1'] == p['batch_order_sha1']
