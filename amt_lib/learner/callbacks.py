@@ -250,10 +250,12 @@ class EMACB(Callback):
     @torch.no_grad()
     def after_step(self, learn):
         d = ema_decay_at(learn.step_count, self.decay, self.warmup)
-        src = learn.raw_model.state_dict()
-        for k, v in self.ema.state_dict().items():
-            if v.is_floating_point(): v.lerp_(src[k].detach().to(v.dtype), 1 - d)
-            else: v.copy_(src[k])
+        ema = [*self.ema.parameters(), *self.ema.buffers()]           # same order as the model's: the EMA is its deep copy
+        src = [*learn.raw_model.parameters(), *learn.raw_model.buffers()]
+        fl = [i for i, v in enumerate(ema) if v.is_floating_point()]
+        torch._foreach_lerp_([ema[i] for i in fl], [src[i].detach().to(ema[i].dtype) for i in fl], 1 - d)   # one fused pass, not a state_dict a step
+        for i, v in enumerate(ema):
+            if not v.is_floating_point(): v.copy_(src[i])
     def state_dict(self): return self.ema.state_dict()
     def load_state_dict(self, sd): self.ema.load_state_dict(sd)
 
