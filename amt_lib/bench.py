@@ -776,13 +776,13 @@ def train_plain_cnn(cfg, # the run's config: its training batches (data.*, train
                     log_every: int = 100,
                    ) -> dict: # rr_mpjpe, pa_mpjpe (mm), steps, samples, seconds, samples_per_s, params, flops_per_sample, ...
     "Train `PlainCNN` on the run's own training batches (L1, AdamW, one-cycle lr) and validate it as the stage summaries do."
-    from amt_lib.data.loaders import build_dataloaders, ignore_stop_signals
-    from amt_lib.stages import mean_root_relative_hand, hand_summary
+    from amt_lib.data.loaders import build_dataloaders
+    from amt_lib.stages import evaluation_data, hand_summary
     from amt_lib.learner.callbacks import resolve_device
     if steps < 1: raise ConfigError(f'plain CNN steps={steps}: expected an integer >= 1')
     dev = resolve_device(device or cfg.training.device)
     t = time.perf_counter()
-    train_dl, val_dl = build_dataloaders(cfg, device=dev if dev.type == 'cuda' else None)   # as build_learner builds them
+    train_dl, _ = build_dataloaders(cfg, device=dev if dev.type == 'cuda' else None)   # as build_learner builds them
     setup_s = time.perf_counter() - t
     torch.manual_seed(int(cfg.seed))
     model = PlainCNN().to(dev).train()
@@ -804,15 +804,13 @@ def train_plain_cnn(cfg, # the run's config: its training batches (data.*, train
             if step >= steps: break
     _sync(dev); seconds = time.perf_counter() - t
     t = time.perf_counter()
-    bs, nw = int(cfg.training.batch_size), int(cfg.data.num_workers)
-    mean_hand = mean_root_relative_hand(train_dl.source, 1024, int(cfg.seed), bs, nw)      # as evaluate_weights does
-    val = torch.utils.data.DataLoader(val_dl.source, batch_size=bs, num_workers=nw, worker_init_fn=ignore_stop_signals if nw else None)
+    mean_hand, val, _ = evaluation_data(cfg)                       # the stage summaries' frames and baseline
     s = hand_summary(model, val, mean_hand, dev)
     eval_s = time.perf_counter() - t
     fl = flops_per_sample(model, {k: v[:2] for k, v in batch.items() if torch.is_tensor(v)}, plain_cnn_loss)
     return dict(rr_mpjpe=s['rr_mpjpe'], pa_mpjpe=s['pa_mpjpe'], mean_pose_rr_mpjpe=s['mean_pose_rr_mpjpe'],
                 rr_ratio=s['rr_mpjpe'] / s['mean_pose_rr_mpjpe'], spread_ratio=s['spread_ratio'], n_val=s['n_val'],
-                steps=step, batch_size=bs, samples=samples, seconds=seconds, samples_per_s=samples / seconds,
+                steps=step, batch_size=int(cfg.training.batch_size), samples=samples, seconds=seconds, samples_per_s=samples / seconds,
                 train_l1_first_mm=1000 * float(torch.stack(losses[:10]).mean()), train_l1_last_mm=1000 * float(torch.stack(losses[-10:]).mean()),
                 params=sum(p.numel() for p in model.parameters()), flops_per_sample=fl['train_flops_per_sample'],
                 forward_flops_per_sample=fl['forward_flops_per_sample'], setup_seconds=setup_s, eval_seconds=eval_s,

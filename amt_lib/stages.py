@@ -17,8 +17,8 @@ __all__ = ['COMPONENTS', 'STAGE1_TERMS', 'STAGE_NAMES', 'RECIPE_SOURCES', 'EXPER
            'load_component_weights', 'root_relative', 'mean_root_relative_hand', 'hand_summary', 'NotebookFailed',
            'NotebookStopped', 'forward_stop_signals', 'experiments_dir', 'kernel_options', 'run_notebook',
            'summary_table', 'learned_verdict', 'debugging_note', 'run_pipeline', 'pipeline_disk_budget', 'weights_file',
-           'merge_component_weights', 'evaluate_weights', 'run_stage', 'steps_per_epoch', 'recipe', 'recipe_table',
-           'cli_recipe', 'cli_train', 'notebook_parameters', 'cli_run', 'cli_pipeline']
+           'merge_component_weights', 'evaluation_data', 'evaluate_weights', 'run_stage', 'steps_per_epoch', 'recipe',
+           'recipe_table', 'cli_recipe', 'cli_train', 'notebook_parameters', 'cli_run', 'cli_pipeline']
 
 # %% ../nbs/09_stages.ipynb #614cd402
 COMPONENTS = ('backbone', 'hand_encoder', 'object_encoder', 'contact_encoder', 'refiner')
@@ -537,15 +537,10 @@ def _guards_near(weights: Path) -> dict:
     out = {r.name: guard_summary(read_metrics(r/'metrics.csv', 'train')) for r in runs if (r/'metrics.csv').exists()}
     return {k: v for k, v in out.items() if v}
 
-def evaluate_weights(cfg: DictConfig, weights: str | os.PathLike, max_train_samples: int = 1024) -> dict:
-    "Validation summary (mm) of a weights file: hand, baseline, spreads, objects (ADD...), confidence calibration, the runs' guards."
-    from amt_lib.models.amt import build_model
-    from amt_lib.learner.checkpoint import load_checkpoint
-    from amt_lib.data.loaders import build_dataset
-    model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(weights)['model'], strict=True)
+def evaluation_data(cfg: DictConfig, max_train_samples: int = 1024) -> tuple:
+    "(mean_hand (21,3), validation batches, object model points or None) of a run: what every stage summary is measured on."
+    from amt_lib.data.loaders import build_dataset, ignore_stop_signals, build_dataloaders
     bs, nw = int(cfg.training.batch_size), int(cfg.data.num_workers)
-    from amt_lib.data.loaders import ignore_stop_signals, build_dataloaders
     if cfg.data.cache:   # the run's device cache: no sample decoded or rendered again
         train_dl, val_dl = build_dataloaders(cfg)
         train_src, val_ds, val_loader = train_dl.cache, val_dl.source, val_dl
@@ -554,6 +549,15 @@ def evaluate_weights(cfg: DictConfig, weights: str | os.PathLike, max_train_samp
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=bs, num_workers=nw, worker_init_fn=ignore_stop_signals if nw else None)
     mean_hand = mean_root_relative_hand(train_src, max_train_samples, int(cfg.seed), bs, 0 if cfg.data.cache else nw)
     pts = val_ds.object_model_points() if callable(getattr(val_ds, 'object_model_points', None)) else None
+    return mean_hand, val_loader, pts
+
+def evaluate_weights(cfg: DictConfig, weights: str | os.PathLike, max_train_samples: int = 1024) -> dict:
+    "Validation summary (mm) of a weights file: hand, baseline, spreads, objects (ADD...), confidence calibration, the runs' guards."
+    from amt_lib.models.amt import build_model
+    from amt_lib.learner.checkpoint import load_checkpoint
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(weights)['model'], strict=True)
+    mean_hand, val_loader, pts = evaluation_data(cfg, max_train_samples)
     s = hand_summary(model, val_loader, mean_hand, obj_points=pts)
     s['guards'] = _guards_near(Path(weights))
     return s
