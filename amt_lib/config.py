@@ -15,7 +15,8 @@ from omegaconf import OmegaConf, DictConfig, ListConfig
 __all__ = ['PACKAGE_DIR', 'PRESET_DIR', 'RULES', 'FREE_KEYS', 'PURPOSES', 'RUN_OUTPUTS', 'ConfigError', 'list_presets',
            'parse_overrides', 'load_config', 'Rule', 'int_ge', 'num_ge', 'num_gt', 'num_in', 'one_of', 'matches',
            'nullable', 'list_of', 'rules_table', 'monitor_choices', 'validate_config', 'config_to_yaml',
-           'config_from_yaml', 'git_commit', 'default_run_dir', 'save_run_config', 'prepare_run_dir', 'cli_config']
+           'config_from_yaml', 'git_commit', 'default_run_dir', 'save_run_config', 'pid_alive', 'prepare_run_dir',
+           'cli_config']
 
 # %% ../nbs/00_config.ipynb #3b6d6b0e
 PACKAGE_DIR = Path(str(files('amt_lib')))
@@ -303,6 +304,15 @@ def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
     (run_dir/'config.yaml').write_text(config_to_yaml(cfg))
     (run_dir/'commit.txt').write_text(git_commit(PACKAGE_DIR) + '\n')
     return run_dir
+
+# %% ../nbs/00_config.ipynb #72aa9b17
+def pid_alive(pid: int) -> bool:
+    "Is process `pid` running on this machine? (Temporary files named after their writer's pid are stale when it is not.)"
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True   # running, owned by another user
+    return True
+
 
 # %% ../nbs/00_config.ipynb #fcfd242c
 import shutil

@@ -7,10 +7,9 @@ import torch
 from amt_lib.config import load_config
 from amt_lib.learner.train import train
 from amt_lib.learner.callbacks import read_metrics
-from amt_lib.data.loaders import build_dataloaders
 from amt_lib.inference import Predictor
 from amt_lib.metrics import COLLAPSE_RATIO
-from amt_lib.stages import mean_root_relative_hand, hand_summary
+from amt_lib.stages import evaluation_data, hand_summary
 
 STEPS = 280
 MARGIN = 0.75  # rr-MPJPE must be <= MARGIN x the mean-pose baseline; measured 2026-11-30 on 2 CPU cores: 56.5 vs 86.5 mm (0.65;
@@ -31,8 +30,7 @@ def test_cpu_demo_beats_mean_pose_and_does_not_collapse(tmp_path, monkeypatch):
     train_rows = [r for r in rows if r['split'] == 'train']
     assert train_rows and all('guard/spread_ratio' in r and 'guard/dead_params' in r for r in train_rows)   # guards ran
     assert train_rows[-1]['guard/dead_params'] == 0                                  # every parameter trained
-    train_dl, val_dl = build_dataloaders(cfg)                                        # the cache the run built
-    mean_hand = mean_root_relative_hand(train_dl.cache, 1024, seed=cfg.seed)
+    mean_hand, val_dl, _ = evaluation_data(cfg)                                      # the stage summaries' data: the run's cache
     model = Predictor.from_checkpoint(rd/'checkpoints'/'last.pt', device='cpu', precision='fp32').model
     s = hand_summary(model, val_dl, mean_hand)
     print({k: s[k] for k in ('rr_mpjpe', 'mean_pose_rr_mpjpe', 'spread_ratio')}, s['diversity']['verdict'])

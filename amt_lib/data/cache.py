@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 from .augment import Augmenter
+from ..config import pid_alive
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'cache_fields', 'bytes_per_sample', 'dataset_key', 'build_cache', 'read_manifest', 'ToySamples',
@@ -64,13 +65,6 @@ def _to_numpy(name: str, x: torch.Tensor) -> np.ndarray:
     if name == 'depth': return (x.float() * 1000).round().clamp(0, 65535).to(torch.int32).numpy().astype(np.uint16)
     return x.numpy()
 
-def _alive(pid: int) -> bool:
-    "Is process `pid` running (on this machine)?"
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
 def build_cache(dataset, # any dataset returning THE SAMPLE
                 cache_dir: str | os.PathLike, # parent folder; the cache goes to cache_dir/<key>
                 key: str | None = None, # default: `dataset_key(dataset)`
@@ -90,7 +84,7 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
     tmp = Path(f'{out}.partial-{os.getpid()}')          # per process: two runs building the same cache do not collide
     for old in Path(cache_dir).glob(f'{key}.partial*'):   # left by a build that was killed
         pid = old.name.rsplit('-', 1)[-1]
-        if old != tmp and not (pid.isdigit() and _alive(int(pid))): shutil.rmtree(old, ignore_errors=True)
+        if old != tmp and not (pid.isdigit() and pid_alive(int(pid))): shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     first = dataset[0]
     S = first['image'].shape[-1]

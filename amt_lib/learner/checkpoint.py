@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf, DictConfig
 from .core import *
 from .callbacks import EMACB
+from ..config import load_config, pid_alive
 
 # %% auto #0
 __all__ = ['WEIGHT_BOUND', 'ARCH_IGNORE', 'CheckpointError', 'weight_stats', 'check_weights_finite', 'save_checkpoint',
@@ -114,12 +115,6 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool = True,
             if isinstance(ck.get(k), Mapping): check_weights_finite(ck[k], where=f'checkpoint {path} ({k} weights)')
     return ck
 
-def _alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
 def clean_stale_tmp(ckpt_dir: str | os.PathLike, # a checkpoints folder
                     verbose: bool = True, # print one line when something was removed
                    ) -> list[Path]: # the files removed
@@ -129,7 +124,7 @@ def clean_stale_tmp(ckpt_dir: str | os.PathLike, # a checkpoints folder
     gone = []
     for p in sorted(d.glob('.*.pt.tmp-*')):
         pid = p.name.rsplit('-', 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)): continue   # another process is writing it
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)): continue   # another process is writing it
         p.unlink(missing_ok=True); gone.append(p)
     if gone and verbose:
         print(f'removed {len(gone)} stale temporary checkpoint file(s) of an interrupted write from {d}: '
@@ -180,10 +175,10 @@ def config_mismatch(saved: str | dict | DictConfig, # the checkpoint's config (Y
                     current: str | dict | DictConfig, # the run's config
                     prefixes: Iterable[str] = ('model.',), ignore: Iterable[str] = ARCH_IGNORE,
                    ) -> list[tuple[str, Any, Any]]:
-    "(key, checkpoint value, current value) for every key under `prefixes` that differs (missing keys count; see below)."
+    "(key, checkpoint value, current value) for every key under `prefixes` that differs (a key missing from the checkpoint counts as its base.yaml default; one missing from the run as missing)."
     a, b = _flat(_as_dict(saved)), _flat(_as_dict(current))
-    from amt_lib.config import load_config   # a key added after the checkpoint was written stands for its base.yaml default,
-    a = {**{k: v for k, v in _flat(_as_dict(load_config('base'))).items() if k not in a}, **a}   # the behaviour before the key existed
+    # a key added after the checkpoint was written stands for its base.yaml default, the behaviour before the key existed
+    a = {**{k: v for k, v in _flat(_as_dict(load_config('base'))).items() if k not in a}, **a}
     keys = sorted(k for k in set(a) | set(b) if k.startswith(tuple(prefixes)) and k not in set(ignore))
     miss = '<missing>'
     return [(k, a.get(k, miss), b.get(k, miss)) for k in keys if a.get(k, miss) != b.get(k, miss)]
