@@ -7,16 +7,15 @@ from __future__ import annotations
 import difflib, os, subprocess, datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 import yaml
 from omegaconf import OmegaConf, DictConfig, ListConfig
 
 # %% auto #0
-__all__ = ['PACKAGE_DIR', 'PRESET_DIR', 'RULES', 'FREE_KEYS', 'PURPOSES', 'RUN_OUTPUTS', 'ConfigError', 'list_presets',
-           'parse_overrides', 'load_config', 'Rule', 'int_ge', 'num_ge', 'num_gt', 'num_in', 'one_of', 'matches',
-           'nullable', 'list_of', 'rules_table', 'monitor_choices', 'validate_config', 'config_to_yaml',
-           'config_from_yaml', 'git_commit', 'default_run_dir', 'save_run_config', 'pid_alive', 'prepare_run_dir',
-           'cli_config']
+__all__ = ['PACKAGE_DIR', 'PRESET_DIR', 'RULES', 'FREE_KEYS', 'PURPOSES', 'ConfigError', 'list_presets', 'parse_overrides',
+           'override_keys', 'apply_overrides', 'load_config', 'Rule', 'int_ge', 'num_ge', 'num_gt', 'num_in', 'one_of',
+           'matches', 'nullable', 'list_of', 'rules_table', 'validate_config', 'config_to_yaml', 'config_from_yaml',
+           'git_commit', 'pid_alive']
 
 # %% ../nbs/00_config.ipynb #3b6d6b0e
 PACKAGE_DIR = Path(str(files('amt_lib')))
@@ -97,29 +96,50 @@ def _override_items(overrides: Iterable[str] | str | None) -> list[tuple[str, An
         items.append((k.strip(), d))
     return items
 
-def parse_overrides(overrides: Iterable[str] | str | None) -> dict:
-    "Dotted `key=value` strings -> nested dict; values parsed as YAML scalars (`3`, `1e-3`, `[1,2]`, `null`, `{a: 1}`)."
+def parse_overrides(overrides: Iterable[str] | str | None, # `key=value` strings (a str: split on spaces); None: none
+                   ) -> dict:
+    "Dotted `key=value` strings -> nested dict; values parsed as YAML (`3`, `1e-3`, `[1,2]`, `null`, `{a: 1}`)."
     out = OmegaConf.create({})
     for k, v in _override_items(overrides): OmegaConf.update(out, k, v, merge=not isinstance(v, dict))
     return OmegaConf.to_container(out)
 
 # %% ../nbs/00_config.ipynb #45ba6b93
+def override_keys(overrides: Iterable[str] | str | Mapping | None, # `key=value` strings, or {dotted key: value}
+                 ) -> list[str]:
+    "The dotted keys that `overrides` set, in order (a malformed override is a ConfigError)."
+    return [k for k, _ in _override_list(overrides)]
+
+def _override_list(overrides: Iterable[str] | str | Mapping | None) -> list[tuple[str, Any]]:
+    "(dotted key, value): parsed from `key=value` strings, or taken as they are from a mapping of dotted keys."
+    if isinstance(overrides, Mapping): return list(overrides.items())
+    return _override_items(overrides)
+
+def apply_overrides(cfg: DictConfig, # a resolved config (`load_config`, `config_from_yaml`)
+                    overrides: Iterable[str] | str | Mapping | None, # `key=value` strings, or {dotted key: value}
+                    source: str = 'overrides', # named in errors
+                   ) -> DictConfig:
+    "A new config: `cfg` with `overrides` applied, each key and type checked against `base.yaml` (`cfg` is unchanged)."
+    known = _flat_keys(_read_preset('base'))
+    items = _override_list(overrides)
+    nested = OmegaConf.create({})
+    for k, v in items: OmegaConf.update(nested, k, v, merge=not isinstance(v, dict))
+    _check(OmegaConf.to_container(nested), known, source)
+    out = OmegaConf.create(OmegaConf.to_container(cfg))
+    # scalars and lists merge as usual; a mapping typed on the command line replaces the preset's mapping
+    for k, v in items: OmegaConf.update(out, k, v, merge=not isinstance(v, dict))
+    # `1e-3` in YAML 1.1 is a string; floats typed in the base preset are coerced back to float
+    for k, v in _flat_keys(OmegaConf.to_container(out)).items():
+        if isinstance(known.get(k), float) and isinstance(v, int): OmegaConf.update(out, k, float(v))
+    OmegaConf.set_struct(out, True)
+    return out
+
 def load_config(preset: str | os.PathLike = 'smoke', # preset name (`list_presets()`) or path to a YAML file
-                overrides: Iterable[str] | str | None = None, # dotted `key=value` strings
+                overrides: Iterable[str] | str | Mapping | None = None, # `key=value` strings, or {dotted key: value}
                ) -> DictConfig:
     "The resolved config of a run: `preset` merged with `overrides`, checked against `base.yaml`."
-    known = _flat_keys(_read_preset('base'))
     pre = _read_preset(preset)
-    _check(pre, known, f'preset {preset}')
-    _check(parse_overrides(overrides), known, 'overrides')
-    cfg = OmegaConf.create(pre)
-    # scalars and lists merge as usual; a mapping typed on the command line replaces the preset's mapping
-    for k, v in _override_items(overrides): OmegaConf.update(cfg, k, v, merge=not isinstance(v, dict))
-    # `1e-3` in YAML 1.1 is a string; floats typed in the base preset are coerced back to float
-    for k, v in _flat_keys(OmegaConf.to_container(cfg)).items():
-        if isinstance(known.get(k), float) and isinstance(v, int): OmegaConf.update(cfg, k, float(v))
-    OmegaConf.set_struct(cfg, True)
-    return cfg
+    _check(pre, _flat_keys(_read_preset('base')), f'preset {preset}')
+    return apply_overrides(OmegaConf.create(pre), overrides)
 
 # %% ../nbs/00_config.ipynb #39b0b7eb
 import math, re
@@ -127,42 +147,86 @@ from typing import Callable
 
 class Rule:
     "What a config value may be: a test and the words that say what is allowed."
-    def __init__(self, ok: Callable[[Any], bool], allowed: str): self.ok, self.allowed = ok, allowed
+    def __init__(self, ok: Callable[[Any], bool], # the test: value -> is it allowed?
+                 allowed: str, # what is allowed, in words (in ConfigErrors and `rules_table`)
+                ): self.ok, self.allowed = ok, allowed
     def __repr__(self): return self.allowed
 
 def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
-def int_ge(lo: int) -> Rule: return Rule(lambda v: _int(v) and v >= lo, f'an integer >= {lo}')
-def num_ge(lo: float) -> Rule: return Rule(lambda v: _num(v) and v >= lo, f'a finite number >= {lo}')
-def num_gt(lo: float) -> Rule: return Rule(lambda v: _num(v) and v > lo, f'a finite number > {lo}')
-def num_in(lo: float, hi: float, hi_open: bool = False) -> Rule:
-    return Rule(lambda v: _num(v) and lo <= v and (v < hi if hi_open else v <= hi), f"a number in [{lo}, {hi}{')' if hi_open else ']'}")
-def one_of(*xs: str) -> Rule: return Rule(lambda v: v in xs, 'one of ' + ' | '.join(map(str, xs)))
-def matches(pattern: str, allowed: str) -> Rule: return Rule(lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None, allowed)
-def nullable(r: Rule) -> Rule: return Rule(lambda v: v is None or r.ok(v), f'{r.allowed}, or null')
-def list_of(r: Rule, n: int | None = None, nonempty: bool = False) -> Rule:
-    what = f'a list of {n} values, each {r.allowed}' if n else f"a{' non-empty' if nonempty else ''} list, each {r.allowed}"
+def int_ge(lo: int, # smallest allowed value
+          ) -> Rule:
+    "An integer >= `lo` (a bool is not an integer here)."
+    return Rule(lambda v: _int(v) and v >= lo, f'an integer >= {lo}')
+
+def num_ge(lo: float, # smallest allowed value
+          ) -> Rule:
+    "A finite number >= `lo`."
+    return Rule(lambda v: _num(v) and v >= lo, f'a finite number >= {lo}')
+
+def num_gt(lo: float, # allowed values are larger than this
+          ) -> Rule:
+    "A finite number > `lo`."
+    return Rule(lambda v: _num(v) and v > lo, f'a finite number > {lo}')
+
+def num_in(lo: float, # smallest allowed value
+           hi: float, # largest allowed value (excluded when `hi_open`)
+           hi_open: bool = False, # True: [lo, hi); False: [lo, hi]
+          ) -> Rule:
+    "A finite number in [lo, hi] (or [lo, hi))."
+    return Rule(lambda v: _num(v) and lo <= v and (v < hi if hi_open else v <= hi),
+                f"a number in [{lo}, {hi}{')' if hi_open else ']'}")
+
+def one_of(*xs: str) -> Rule:
+    "One of the values `xs`."
+    return Rule(lambda v: v in xs, 'one of ' + ' | '.join(map(str, xs)))
+
+def matches(pattern: str, # regular expression the whole string must match
+            allowed: str, # what the pattern allows, in words
+           ) -> Rule:
+    "A string that matches `pattern` in full."
+    return Rule(lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None, allowed)
+
+def nullable(r: Rule, # the rule for a value that is not null
+            ) -> Rule:
+    "null, or what `r` allows."
+    return Rule(lambda v: v is None or r.ok(v), f'{r.allowed}, or null')
+
+def list_of(r: Rule, # the rule for each item
+            n: int | None = None, # exact length; None: any length
+            nonempty: bool = False, # True: at least one item
+           ) -> Rule:
+    "A list (or tuple) whose items each satisfy `r`."
+    what = (f'a list of {n} values, each {r.allowed}' if n
+            else f"a{' non-empty' if nonempty else ''} list, each {r.allowed}")
     return Rule(lambda v: isinstance(v, (list, tuple)) and (n is None or len(v) == n) and (len(v) > 0 or not nonempty)
                 and all(r.ok(x) for x in v), what)
 
-RULES: dict[str, Rule] = {   # key (a `*` stands for every key below it) -> what its value may be; kept beside base.yaml's comments
+# key (a `*` stands for every key below it) -> what its value may be; kept beside base.yaml's comments
+RULES: dict[str, Rule] = {
     'seed': int_ge(0),
     'data.source': one_of('synth', 'dexycb'), 'data.setup': one_of('s0', 's1', 's2', 's3'),
     'data.train_split': one_of('train', 'val', 'test'), 'data.val_split': one_of('train', 'val', 'test'),
-    'data.image_size': int_ge(14), 'data.train_size': int_ge(1), 'data.val_size': int_ge(1), 'data.synth_seed': int_ge(0),
+    'data.image_size': int_ge(14), 'data.train_size': int_ge(1), 'data.val_size': int_ge(1),
+    'data.synth_seed': int_ge(0),
     'data.synth_grasp_share': num_in(0, 1), 'data.num_workers': int_ge(0), 'data.on_error': one_of('raise', 'skip'),
     'data.contact_threshold': num_gt(0), 'data.crop_margin': num_gt(0), 'data.cache_device': one_of('cpu', 'cuda'),
     'data.cache_max_gb': num_gt(0), 'data.cache_max_samples': nullable(int_ge(1)),
     'data.augment.rotation_deg': num_in(0, 180), 'data.augment.scale': num_in(0, 1, hi_open=True),
     'data.augment.translation': num_in(0, 1, hi_open=True), 'data.augment.color_jitter': num_in(0, 1),
-    'model.backbone.hidden_size': int_ge(1), 'model.backbone.num_layers': int_ge(1), 'model.backbone.num_heads': int_ge(1),
+    'model.backbone.hidden_size': int_ge(1), 'model.backbone.num_layers': int_ge(1),
+    'model.backbone.num_heads': int_ge(1),
     'model.backbone.patch_size': int_ge(1), 'model.backbone.freeze_layers': int_ge(0),
-    'model.backbone.feature_layers': list_of(int_ge(1), nonempty=True), 'model.backbone.attn_implementation': one_of('sdpa', 'eager'),
-    'model.backbone.stem': one_of('patch', 'conv'), 'model.backbone.stem_width': int_ge(1), 'model.joint_residual_scale': num_ge(0),
+    'model.backbone.feature_layers': list_of(int_ge(1), nonempty=True),
+    'model.backbone.attn_implementation': one_of('sdpa', 'eager'),
+    'model.backbone.stem': one_of('patch', 'conv'), 'model.backbone.stem_width': int_ge(1),
+    'model.joint_residual_scale': num_ge(0),
     'model.mc_vertex_stride': int_ge(1),
     'model.compile_backend': one_of('inductor', 'aot_eager', 'eager'),
-    'model.hidden_dim': int_ge(1), 'model.num_heads': int_ge(1), 'model.num_layers': int_ge(1), 'model.dropout': num_in(0, 1, hi_open=True),
-    'model.num_objects': int_ge(1), 'model.num_classes': int_ge(2), 'model.contact_hidden': int_ge(1), 'model.point_hidden': int_ge(1),
+    'model.hidden_dim': int_ge(1), 'model.num_heads': int_ge(1), 'model.num_layers': int_ge(1),
+    'model.dropout': num_in(0, 1, hi_open=True),
+    'model.num_objects': int_ge(1), 'model.num_classes': int_ge(2), 'model.contact_hidden': int_ge(1),
+    'model.point_hidden': int_ge(1),
     'model.refine_steps': int_ge(0), 'model.refine_layers': int_ge(1), 'model.head_checkpoint_share': num_in(0, 1),
     'loss.weights.*': num_ge(0), 'loss.focal_gamma': num_ge(0), 'loss.joint_weights': list_of(num_ge(0), 21),
     'loss.hand_abs_weight': num_ge(0), 'loss.match_class_cost': num_ge(0), 'loss.match_position_cost': num_ge(0),
@@ -171,10 +235,12 @@ RULES: dict[str, Rule] = {   # key (a `*` stands for every key below it) -> what
     'training.stage': one_of(0, 1, 2, 3), 'training.epochs': int_ge(1), 'training.max_steps': nullable(int_ge(1)),
     'training.max_minutes': nullable(num_gt(0)), 'training.batch_size': int_ge(1), 'training.accumulation': int_ge(1),
     'training.lr': num_gt(0), 'training.backbone_lr_mult': num_ge(0), 'training.weight_decay': num_ge(0),
-    'training.warmup_steps': int_ge(0), 'training.T_0': int_ge(1), 'training.T_mult': int_ge(1), 'training.min_lr': num_ge(0),
+    'training.warmup_steps': int_ge(0), 'training.T_0': int_ge(1), 'training.T_mult': int_ge(1),
+    'training.min_lr': num_ge(0),
     'training.grad_clip': nullable(num_ge(0)), 'training.precision': one_of('auto', 'bf16', 'fp32'),
     'training.device': matches(r'auto|cpu|cuda(:\d+)?', 'one of auto | cpu | cuda | cuda:N'),
-    'training.ema_decay': num_in(0, 1, hi_open=True), 'training.ema_warmup': int_ge(0), 'training.eval_every': int_ge(0),
+    'training.ema_decay': num_in(0, 1, hi_open=True), 'training.ema_warmup': int_ge(0),
+    'training.eval_every': int_ge(0),
     'training.log_every': int_ge(1), 'training.checkpoint_every_epochs': int_ge(0), 'training.nan_patience': int_ge(1),
     'logging.progress': one_of('auto', 'bar', 'plain', 'quiet'),
     'stages.stage1_epochs': int_ge(1), 'stages.stage2_epochs': int_ge(1), 'stages.stage3_epochs': int_ge(1),
@@ -184,16 +250,22 @@ RULES: dict[str, Rule] = {   # key (a `*` stands for every key below it) -> what
     'training.keep_checkpoints': nullable(int_ge(1)), 'training.hard_mining_share': num_in(0, 1),
     'training.good_state_every': int_ge(0), 'stages.stage2_diversity_until': nullable(int_ge(0)),
     'stages.stage2_diversity_after': num_ge(0), 'stages.stage2_refine_from_epoch': int_ge(0),
-    'stages.stage2_physics_ramp': Rule(lambda v: isinstance(v, list) and (v == [] or len(v) == 2 and all(_int(x) and x >= 0 for x in v)
-                                                                           and v[0] <= v[1]), '[] or [start, end] epochs, start <= end'),
+    'stages.stage2_physics_ramp': Rule(lambda v: isinstance(v, list) and (v == [] or len(v) == 2
+                                                                          and all(_int(x) and x >= 0 for x in v)
+                                                                          and v[0] <= v[1]),
+                                       '[] or [start, end] epochs, start <= end'),
     'stages.stage1_component_epochs.*': int_ge(0),
 }
-FREE_KEYS = ('name', 'data.root', 'data.skip_no_hand', 'data.cache', 'data.cache_dir', 'data.cache_maps', 'data.augment.enabled',
-             'model.backbone.name', 'model.backbone.pretrained', 'model.backbone.gradient_checkpointing', 'model.sigma_reparam',
-             'model.sigma_reparam_backbone', 'model.compile', 'model.mano_path', 'loss.dynamic_weighting', 'loss.schedules',
-             'training.freeze', 'training.init_from', 'training.monitor', 'training.ddp_find_unused', 'logging.tensorboard',
-             'logging.wandb', 'logging.wandb_project', 'logging.plots', 'logging.verbose', 'stages.stage1_train_backbone',
-             'loss.ramps', 'training.hard_mining', 'training.anneal_to_end', 'training.guards', 'stages.stage3_hard_mining', 'stages.stage1_component_epochs')   # any value of the right type (monitor: checked below)
+# any value of the right type suits these keys (training.monitor: `validate_config` checks it against the metrics)
+FREE_KEYS = ('name', 'data.root', 'data.skip_no_hand', 'data.cache', 'data.cache_dir', 'data.cache_maps',
+             'data.augment.enabled', 'model.backbone.name', 'model.backbone.pretrained',
+             'model.backbone.gradient_checkpointing', 'model.sigma_reparam', 'model.sigma_reparam_backbone',
+             'model.compile', 'model.mano_path', 'loss.dynamic_weighting', 'loss.schedules', 'training.freeze',
+             'training.init_from', 'training.monitor', 'training.ddp_find_unused', 'logging.tensorboard',
+             'logging.wandb', 'logging.wandb_project', 'logging.plots', 'logging.verbose',
+             'stages.stage1_train_backbone', 'loss.ramps',
+             'training.hard_mining', 'training.anneal_to_end', 'training.guards', 'stages.stage3_hard_mining',
+             'stages.stage1_component_epochs')
 
 def _rule_for(key: str) -> Rule | None:
     if key in RULES: return RULES[key]
@@ -210,33 +282,31 @@ def rules_table() -> str:
 # %% ../nbs/00_config.ipynb #2cf4b644
 PURPOSES = ('train', 'eval', 'predict', 'export', 'bench', 'model', 'data')
 
-def monitor_choices(cfg: DictConfig) -> list[str]:
-    "Validation numbers a training run produces (Evaluator keys, the loss and its terms): what `training.monitor` may name."
-    from amt_lib.metrics import Evaluator            # imported here: the config module stays free of torch at import time
-    ev = Evaluator(); ev.objects_seen = True         # object keys appear once a batch has objects
-    return sorted({*ev.compute(), f'pck2d@{ev.pck2d_threshold_px:g}px', 'loss', *cfg.loss.weights} - {'n_hands', 'n_objects', 'nonfinite_pred'})
-
-def _consistency(cfg: DictConfig, purpose: str) -> list[str]:
+def _consistency(cfg: DictConfig, purpose: str, monitor_choices: Iterable[str] | None = None) -> list[str]:
     "Problems between keys (divisibility, sizes, devices, the monitored metric)."
     d, m, b, t = cfg.data, cfg.model, cfg.model.backbone, cfg.training
     out = []
     if _int(d.image_size) and _int(b.patch_size) and b.patch_size > 0 and d.image_size % b.patch_size:
         out.append(f'data.image_size={d.image_size} is not a multiple of model.backbone.patch_size={b.patch_size}: '
-                   f'use {d.image_size // b.patch_size * b.patch_size} or {(d.image_size // b.patch_size + 1) * b.patch_size}')
+                   f'use {d.image_size // b.patch_size * b.patch_size} or '
+                   f'{(d.image_size // b.patch_size + 1) * b.patch_size}')
     if _int(m.hidden_dim) and _int(m.num_heads) and m.num_heads > 0 and m.hidden_dim % m.num_heads:
         out.append(f'model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}')
     if b.name is None:   # the tiny random backbone: its depth is known here
         if _int(b.hidden_size) and _int(b.num_heads) and b.num_heads > 0 and b.hidden_size % b.num_heads:
-            out.append(f'model.backbone.hidden_size={b.hidden_size} is not divisible by model.backbone.num_heads={b.num_heads}')
+            out.append(f'model.backbone.hidden_size={b.hidden_size} is not divisible by '
+                       f'model.backbone.num_heads={b.num_heads}')
         bad = [l for l in b.feature_layers if _int(l) and l > b.num_layers]
         if bad: out.append(f'model.backbone.feature_layers={list(b.feature_layers)} names layers {bad} of a '
                            f'{b.num_layers}-layer backbone (model.backbone.num_layers)')
         if _int(b.freeze_layers) and b.freeze_layers > b.num_layers:
-            out.append(f'model.backbone.freeze_layers={b.freeze_layers} exceeds model.backbone.num_layers={b.num_layers}')
+            out.append(f'model.backbone.freeze_layers={b.freeze_layers} exceeds '
+                       f'model.backbone.num_layers={b.num_layers}')
     terms = set(cfg.loss.weights)
     for term, sched in (OmegaConf.to_container(cfg.loss.schedules) or {}).items():
         if term not in terms: out.append(f'loss.schedules.{term}: unknown loss term; terms are {sorted(terms)}')
-        elif not isinstance(sched, dict) or not all(_int(e) and e >= 0 and _num(w) and w >= 0 for e, w in sched.items()):
+        elif (not isinstance(sched, dict)
+              or not all(_int(e) and e >= 0 and _num(w) and w >= 0 for e, w in sched.items())):
             out.append(f'loss.schedules.{term}={sched!r}: expected {{epoch (integer >= 0): weight (number >= 0)}}')
     if purpose != 'train': return out
     if d.source == 'synth' and _int(t.batch_size) and _int(d.train_size) and t.batch_size > d.train_size:
@@ -247,34 +317,38 @@ def _consistency(cfg: DictConfig, purpose: str) -> list[str]:
             import torch
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
             idx = int(dev.split(':')[1]) if ':' in dev else 0
-            if idx >= n: out.append(f"{key}={dev!r} but this machine has {n or 'no'} CUDA device{'s' if n != 1 else ''}: "
-                                    f"use {key}={'auto' if key == 'training.device' else 'cpu'}")
-    if isinstance(t.monitor, str) and t.monitor not in (ch := monitor_choices(cfg)):
+            if idx >= n:
+                out.append(f"{key}={dev!r} but this machine has {n or 'no'} CUDA device{'s' if n != 1 else ''}: "
+                           f"use {key}={'auto' if key == 'training.device' else 'cpu'}")
+    if monitor_choices is not None and isinstance(t.monitor, str) and t.monitor not in (ch := list(monitor_choices)):
         close = difflib.get_close_matches(t.monitor, ch, n=3, cutoff=0.5)
         out.append(f'training.monitor={t.monitor!r} is not a metric the run produces' +
                    (f"; did you mean {', '.join(close)}?" if close else f"; choose one of {', '.join(ch)}"))
     return out
 
 def validate_config(cfg: DictConfig, # a resolved config (`load_config`)
-                    purpose: str = 'train', # train | eval | predict | export | bench | model | data: train also checks sizes, devices, monitor
+                    purpose: str = 'train', # one of `PURPOSES`; 'train' also checks sizes, devices, monitor
+                    monitor_choices: Iterable[str] | None = None, # train: the run's metrics (metrics.monitor_choices)
                    ) -> DictConfig:
-    "Check the meaning of every value (ranges, choices, divisibility, consistency); raise one ConfigError listing every problem."
+    "Check what every value means (ranges, choices, divisibility, consistency); one ConfigError lists every problem."
     if purpose not in PURPOSES: raise ValueError(f'purpose={purpose!r}: expected one of {PURPOSES}')
     probs = []
     for k, v in _flat_keys(OmegaConf.to_container(cfg, resolve=True)).items():
         r = _rule_for(k)
         if r is not None and not r.ok(v): probs.append(f'{k}={v!r}: expected {r.allowed}')
-    probs += _consistency(cfg, purpose)
+    probs += _consistency(cfg, purpose, monitor_choices)
     if probs: raise ConfigError('; '.join(probs))
     return cfg
 
 
 # %% ../nbs/00_config.ipynb #7a29f7c9
-def config_to_yaml(cfg: DictConfig) -> str:
+def config_to_yaml(cfg: DictConfig, # a resolved config
+                  ) -> str:
     "The resolved config as YAML text."
     return OmegaConf.to_yaml(cfg, sort_keys=False)
 
-def config_from_yaml(text_or_path: str | os.PathLike) -> DictConfig:
+def config_from_yaml(text_or_path: str | os.PathLike, # path of an existing YAML file, or YAML text
+                    ) -> DictConfig:
     "A config saved by `save_run_config` (or any YAML text), checked against the base preset."
     p = Path(text_or_path)
     text = p.read_text() if '\n' not in str(text_or_path) and p.exists() else str(text_or_path)
@@ -284,7 +358,8 @@ def config_from_yaml(text_or_path: str | os.PathLike) -> DictConfig:
     return cfg
 
 # %% ../nbs/00_config.ipynb #805215f9
-def git_commit(path: str | os.PathLike = '.') -> str:
+def git_commit(path: str | os.PathLike = '.', # a folder inside the git work tree
+              ) -> str:
     "The current git commit hash (with `-dirty` when the tree has changes), or 'unknown'."
     try:
         h = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=path, capture_output=True, text=True, timeout=10)
@@ -294,74 +369,13 @@ def git_commit(path: str | os.PathLike = '.') -> str:
         return h.stdout.strip() + ('-dirty' if d.stdout.strip() else '')
     except (OSError, subprocess.SubprocessError): return 'unknown'
 
-def default_run_dir(cfg: DictConfig, root: str | os.PathLike = 'runs') -> Path:
-    "`runs/<preset name>-<timestamp>`."
-    return Path(root)/f"{cfg.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
-    "Create `run_dir` and write `config.yaml` and `commit.txt` into it."
-    run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir/'config.yaml').write_text(config_to_yaml(cfg))
-    (run_dir/'commit.txt').write_text(git_commit(PACKAGE_DIR) + '\n')
-    return run_dir
 
 # %% ../nbs/00_config.ipynb #72aa9b17
-def pid_alive(pid: int) -> bool:
-    "Is process `pid` running on this machine? (Temporary files named after their writer's pid are stale when it is not.)"
+def pid_alive(pid: int, # a process id
+             ) -> bool:
+    "Is process `pid` running on this machine? (Files named after their writer's pid are stale when it is not.)"
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: return True   # running, owned by another user
     return True
 
-
-# %% ../nbs/00_config.ipynb #fcfd242c
-import shutil
-RUN_OUTPUTS = ('metrics.csv', 'checkpoints', 'tb', 'wandb', 'plots')   # what a training run writes into its folder
-
-def prepare_run_dir(run_dir: str | os.PathLike, # the run's folder
-                    resume: bool = False, # continuing the run in it: its outputs are kept
-                    overwrite: bool = False, # start over: remove RUN_OUTPUTS first (and say so)
-                   ) -> Path:
-    "Create `run_dir` and prove it writable; refuse one that already holds a run unless resuming or overwriting."
-    run_dir = Path(run_dir)
-    up = next((q for q in (run_dir, *run_dir.parents) if q.exists()), None)
-    if up is not None and not up.is_dir():
-        raise ConfigError(f'run folder {run_dir}: {up} is a file, not a folder; choose another --run-dir')
-    ck = run_dir/'checkpoints'
-    if ck.exists() and not ck.is_dir():
-        raise ConfigError(f'run folder {run_dir}: {ck} is a file, but checkpoints are written into a folder of that name; '
-                          f'move or delete it')
-    if not resume and ((run_dir/'metrics.csv').exists() or (ck/'last.pt').exists()):
-        if not overwrite:
-            raise ConfigError(f'run folder {run_dir} already holds a run (metrics.csv or checkpoints/last.pt): continue it with '
-                              f'--resume {ck/"last.pt"}, start it over with --overwrite, or choose another --run-dir')
-        gone = [n for n in RUN_OUTPUTS if (run_dir/n).exists()]
-        for n in gone: shutil.rmtree(run_dir/n) if (run_dir/n).is_dir() else (run_dir/n).unlink()
-        print(f"--overwrite: removed {', '.join(gone)} from {run_dir}", flush=True)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir/f'.write-probe-{os.getpid()}'; probe.write_text('ok'); probe.unlink()
-    except OSError as e:
-        raise ConfigError(f'run folder {run_dir} cannot be written ({e.strerror}: {e.filename}); '
-                          f'choose a --run-dir you can write to') from None
-    return run_dir
-
-
-# %% ../nbs/00_config.ipynb #9ea4ff89
-def cli_config(argv: list[str] | None = None) -> int:
-    "`amt config show [--preset P] [overrides...]`: print the resolved YAML; exit 2 on a bad key or type."
-    from amt_lib.cli import run_command
-    return run_command('config', _config_command, argv)
-
-def _config_command(argv: list[str] | None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog='amt config', description='Show the resolved config of a preset plus overrides.')
-    sub = ap.add_subparsers(dest='action', required=True)
-    s = sub.add_parser('show', help='print the resolved config as YAML')
-    s.add_argument('--preset', default='smoke', help=f"one of {', '.join(list_presets())} or a YAML path")
-    s.add_argument('overrides', nargs='*', help='dotted key=value overrides')
-    sub.add_parser('presets', help='list the shipped presets')
-    a = ap.parse_args(argv)
-    if a.action == 'presets': print('\n'.join(list_presets())); return 0
-    print(config_to_yaml(load_config(a.preset, a.overrides)), end='')
-    return 0

@@ -1,12 +1,13 @@
 """`amt bench`'s issue-17 parts (plain CNN yardstick, learner overhead, FLOPs per stage) end to end on a tiny smoke run."""
 import contextlib, io, json
-from amt_lib.bench import cli_bench, bench_table
+from amt_lib.bench import bench_table
+from amt_lib.cli import main
 
 def test_bench_yardsticks(tmp_path):
     "All three parts in one `amt bench` call write their figures and details into the JSON record (a few steps: the command, not the speed)."
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = cli_bench(['--preset', 'smoke', '--parts', 'plain_cnn,overhead,stage_flops', '--plain-steps', '3', '--plain-batch', '4', '--overhead-steps', '3',
+        rc = main(['bench', '--preset', 'smoke', '--parts', 'plain_cnn,overhead,stage_flops', '--plain-steps', '3', '--plain-batch', '4', '--overhead-steps', '3',
                         '--json', str(tmp_path/'b.json'), 'data.image_size=56', 'model.sigma_reparam=false'])
     assert rc == 0, out.getvalue()
     rec = json.loads((tmp_path/'b.json').read_text())

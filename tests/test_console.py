@@ -4,7 +4,7 @@ tables and a few headers; no papermill chatter, kernel warnings, parse warnings,
 import json, math, re, shutil, subprocess
 from pathlib import Path
 import nbformat, papermill as pm, pytest, torch, yaml
-from amt_lib.stages import experiments_dir, EXPERIMENTS, notebook_parameters
+from amt_lib.pipeline import experiments_dir, EXPERIMENTS, notebook_parameters
 
 NOISE = ('Executing Cell', 'Ending Cell', 'without encryption', 'Unable to parse', 'Passed unknown parameter',
          'Input Notebook', 'Output Notebook', '<IPython.core.display', 'mpjpe_per_joint')
@@ -85,7 +85,7 @@ def test_amt_run_is_quiet_and_verbose_brings_the_chatter_back(tiny_notebook):
 def test_wandb_runs_of_a_pipeline_share_a_group(tmp_path):
     "A stage run inside a pipeline folder is `<run>/<stage>[/<component>]` in W&B, grouped by the pipeline folder's name."
     from amt_lib.config import load_config
-    from amt_lib.learner.train import build_learner, _close
+    from amt_lib.learner.train import build_learner, close_callbacks
     from amt_lib.learner.callbacks import WandbCB
     for stage, rd, name in ((1, tmp_path/'pipe-a'/'stage1'/'hand_encoder', 'pipe-a/stage1/hand_encoder'),
                             (2, tmp_path/'pipe-a'/'stage2', 'pipe-a/stage2')):
@@ -94,4 +94,4 @@ def test_wandb_runs_of_a_pipeline_share_a_group(tmp_path):
         try:
             run = learn.cb(WandbCB).run
             assert (run.name, run.group) == (name, 'pipe-a')
-        finally: _close(learn)
+        finally: close_callbacks(learn)

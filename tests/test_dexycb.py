@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from amt_lib.data.dexycb import (DexYCB, DexYCBError, SERIALS, SUBJECTS, LABEL_FMT, write_dexycb_fixture,
-                                 dexycb_ground_truth, cli_eval_results, ManoPCA)
+from amt_lib.data.dexycb import (DexYCB, DexYCBError, SERIALS, SUBJECTS, LABEL_FMT,
+                                 dexycb_ground_truth, ManoPCA)
+from amt_lib.data.dexycb_fixture import write_dexycb_fixture
 from amt_lib.geometry import project_points
 
 
@@ -198,7 +199,8 @@ def test_eval_results_known_noise(tree, tmp_path):
     noise = np.random.default_rng(0).normal(0, 1, gt.shape)
     noise = 4.0 * noise / np.linalg.norm(noise, axis=-1, keepdims=True)      # every joint exactly 4 mm off
     write_hand_results(tmp_path/'r.txt', idx, torch.as_tensor(gt + noise))
-    assert cli_eval_results([str(tmp_path/'r.txt'), '--root', str(tree), '--setup', 's0', '--split', 'train',
+    from amt_lib.cli import main
+    assert main(['eval-results', str(tmp_path/'r.txt'), '--root', str(tree), '--setup', 's0', '--split', 'train',
                              '--json', str(tmp_path/'r.json')]) == 0
     r = json.loads((tmp_path/'r.json').read_text())
     assert abs(r['absolute']['mpjpe'] - 4.0) < 1e-4 and r['num_samples'] == len(idx) < ds.num_frames_total
@@ -215,7 +217,7 @@ def test_augmented_fixture_batch_projects(tree):
 
 
 def test_cache_bench_cli(tmp_path):
-    r = subprocess.run([sys.executable, '-m', 'amt_lib.data.cache', '--bench', '--batches', '2', '--batch-size', '4',
+    r = subprocess.run([sys.executable, '-m', 'amt_lib.cli', 'cache', '--bench', '--batches', '2', '--batch-size', '4',
                         '--json', str(tmp_path/'b.json')], capture_output=True, text=True, timeout=120,
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr

@@ -13,11 +13,13 @@ import yaml
 from PIL import Image
 
 from amt_lib.config import load_config, config_to_yaml
-from amt_lib.inference import Predictor, cli_predict, cli_eval, load_photo, predict_photos
+from amt_lib.cli import main
+from amt_lib.inference import Predictor, load_photo, predict_photos
 from amt_lib.learner.checkpoint import (CheckpointError, save_checkpoint, load_checkpoint, weight_stats, WEIGHT_BOUND,
                                         clean_stale_tmp)
 from amt_lib.learner.core import Callback
-from amt_lib.data.dexycb import DexYCB, DexYCBError, SERIALS, write_dexycb_fixture
+from amt_lib.data.dexycb import DexYCB, DexYCBError, SERIALS
+from amt_lib.data.dexycb_fixture import write_dexycb_fixture
 
 torch.set_num_threads(1)
 QUIET = ['logging.tensorboard=false', 'logging.plots=false', 'logging.progress=quiet']
@@ -57,32 +59,32 @@ def photos(tmp_path_factory):
 @pytest.mark.parametrize('K, msg', [('0,0,0,0', 'focal lengths must be > 0 pixels, got fx=0, fy=0'),
                                     ('500,nan,80,60', 'fy=nan'), ('500,500,80', 'four comma-separated numbers')])
 def test_predict_bad_K_is_one_line_exit_2(ckpt, photos, tmp_path, K, msg):
-    rc, out, err = run(cli_predict, [str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu', '--K', K, '--out', str(tmp_path)])
+    rc, out, err = run(main, ['predict', str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu', '--K', K, '--out', str(tmp_path)])
     assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.glob('*.json'))
 
 
 def test_predict_principal_point_outside_image_fails_that_image(ckpt, photos, tmp_path):
-    rc, out, err = run(cli_predict, [str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu', '--K', '500,500,3000,60',
+    rc, out, err = run(main, ['predict', str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu', '--K', '500,500,3000,60',
                                      '--out', str(tmp_path)])
     assert rc == 2 and 'a/img.png' in err and 'principal point (3000, 60) is far outside the 160x120 image' in err
 
 
 def test_predict_hand_box_checked_against_each_image(ckpt, photos, tmp_path):
-    rc, out, err = run(cli_predict, [str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu',
+    rc, out, err = run(main, ['predict', str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu',
                                      '--hand-box', '400,300,500,400', '--out', str(tmp_path/'o1')])
     assert rc == 2 and 'lies outside the 160x120 image' in err and 'img.png' in err
-    rc, out, err = run(cli_predict, [str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu',
+    rc, out, err = run(main, ['predict', str(photos/'a/img.png'), '--ckpt', str(ckpt), '--device', 'cpu',
                                      '--hand-box', '120,80,220,180', '--out', str(tmp_path/'o2')])
     assert rc == 0 and 'warning' in err and 'clipped to [120.0, 80.0, 160.0, 120.0]' in err
     r = json.loads((tmp_path/'o2'/'img.json').read_text())
     assert r['warnings'] and r['crop']['mode'] == 'hand'
-    rc, _, err = run(cli_predict, [str(photos/'a/img.png'), '--ckpt', str(ckpt), '--hand-box', '10,10,inf,20'])
+    rc, _, err = run(main, ['predict', str(photos/'a/img.png'), '--ckpt', str(ckpt), '--hand-box', '10,10,inf,20'])
     assert rc == 2 and 'finite' in err
 
 
 def test_predict_good_and_bad_images_equal_stems(ckpt, photos, tmp_path):
-    rc, out, err = run(cli_predict, [str(photos/'a/img.png'), str(photos/'bad.jpg'), str(photos/'b/img.png'), str(photos/'none.png'),
+    rc, out, err = run(main, ['predict', str(photos/'a/img.png'), str(photos/'bad.jpg'), str(photos/'b/img.png'), str(photos/'none.png'),
                                      '--ckpt', str(ckpt), '--device', 'cpu', '--out', str(tmp_path)])
     assert rc == 2
     assert sorted(p.name for p in tmp_path.glob('*.json')) == ['a_img_png.json', 'b_img_png.json']   # both kept, none overwritten
@@ -95,13 +97,12 @@ def test_predict_good_and_bad_images_equal_stems(ckpt, photos, tmp_path):
 
 def test_predict_nan_checkpoint_refused(tmp_path, photos):
     bad = _ckpt(tmp_path/'nan.pt', lambda sd: sd['hand_encoder.query'].view(-1)[0].fill_(float('nan')))
-    rc, out, err = run(cli_predict, [str(photos/'a/img.png'), '--ckpt', str(bad), '--device', 'cpu', '--out', str(tmp_path/'o')])
+    rc, out, err = run(main, ['predict', str(photos/'a/img.png'), '--ckpt', str(bad), '--device', 'cpu', '--out', str(tmp_path/'o')])
     assert rc == 2 and f'checkpoint {bad}' in err and "'hand_encoder.query' has 1 NaN/inf" in err
     assert not (tmp_path/'o').exists() or not list((tmp_path/'o').glob('*.json'))
-    rc, out, err = run(cli_eval, ['--ckpt', str(bad), '--device', 'cpu', '--no-progress'])
+    rc, out, err = run(main, ['eval', '--ckpt', str(bad), '--device', 'cpu', '--no-progress'])
     assert rc == 2 and f'checkpoint {bad}' in err and 'non-finite weights' in err
-    from amt_lib.export import cli_export
-    rc, out, err = run(cli_export, ['onnx', '--ckpt', str(bad), '--out', str(tmp_path/'m.onnx')])
+    rc, out, err = run(main, ['export', 'onnx', '--ckpt', str(bad), '--out', str(tmp_path/'m.onnx')])
     assert rc != 0 and 'non-finite weights' in err and not (tmp_path/'m.onnx').exists()
     big = _ckpt(tmp_path/'big.pt', lambda sd: sd['refiner.pos_enc.gamma'].mul_(1e29))
     with pytest.raises(CheckpointError, match=r"exploded weights: max \|w\| = .*e\+29 in 'refiner.pos_enc.gamma'"):
@@ -131,7 +132,7 @@ def test_eval_non_finite_output_names_the_checkpoint(ckpt, tmp_path, monkeypatch
         for v in out.values(): v[bad_rows] = float('nan')
         return out
     monkeypatch.setattr(Predictor, 'predict', nan_out)
-    rc, out, err = run(cli_eval, ['--ckpt', str(ckpt), '--device', 'cpu', '--split', 'val', '--max-batches', '1', '--batch-size', '4',
+    rc, out, err = run(main, ['eval', '--ckpt', str(ckpt), '--device', 'cpu', '--split', 'val', '--max-batches', '1', '--batch-size', '4',
                                   '--out', str(tmp_path/'ev'), '--no-progress'])
     n = 1 if bad_rows == slice(1, 2) else 4
     lines = err.strip().splitlines()
@@ -185,7 +186,6 @@ def test_divergence_keeps_a_good_checkpoint_and_stale_tmp_is_cleaned(tmp_path, m
 
 def test_disk_full_is_named(tmp_path, monkeypatch):
     from amt_lib.learner import checkpoint as C
-    from amt_lib.learner.train import cli_train
     monkeypatch.setenv('WANDB_MODE', 'disabled')
     p = save_checkpoint({'step': 1}, tmp_path/'last.pt')
     real = C.torch.save
@@ -196,7 +196,7 @@ def test_disk_full_is_named(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=f'disk full \\(or write failed\\) while writing {p}: .* free there; the previous last.pt is intact'):
         save_checkpoint({'step': 2}, p)
     monkeypatch.setattr(C.torch, 'save', lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space left on device')))
-    rc, out, err = run(cli_train, ['--preset', 'smoke', '--run-dir', str(tmp_path/'run'), *QUIET, 'training.max_steps=1'])
+    rc, out, err = run(main, ['train', '--preset', 'smoke', '--run-dir', str(tmp_path/'run'), *QUIET, 'training.max_steps=1'])
     assert rc == 2 and 'disk full (or write failed) while writing' in err and 'last.pt' in err and 'Traceback' not in err
     monkeypatch.setattr(C.torch, 'save', real)
     assert load_checkpoint(p)['step'] == 1 and [x.name for x in tmp_path.iterdir() if x.is_file()] == ['last.pt']

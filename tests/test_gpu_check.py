@@ -4,7 +4,8 @@ papermill kernel wrote). And a failing part: recorded, the others still run, exi
 Runtime: about 60-90 s on 2 unshared CPU cores (most of it torch.compile's graph capture and the stage-1 kernel)."""
 import json, math, subprocess
 from pathlib import Path
-from amt_lib.bench import cli_gpu_check, GPU_CHECK_PARTS
+from amt_lib.bench import GPU_CHECK_PARTS
+from amt_lib.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_gpu_check_on_cpu(tmp_path):
 
 def test_a_failing_part_is_recorded_and_the_exit_code_is_1(tmp_path, capsys):
     out = tmp_path/'g.json'
-    rc = cli_gpu_check(['--device', 'cpu', '--parts', 'pipeline', '--pipeline-preset', 'no-such-preset',
+    rc = main(['gpu-check', '--device', 'cpu', '--parts', 'pipeline', '--pipeline-preset', 'no-such-preset',
                         '--run-dir', str(tmp_path/'run'), '--out', str(out)])
     assert rc == 1
     rec = json.loads(out.read_text())

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from amt_lib.config import load_config, config_to_yaml
-from amt_lib.inference import Predictor, cli_predict, cli_eval
-from amt_lib.export import cli_export, export_onnx, check_onnx
+from amt_lib.inference import Predictor
+from amt_lib.export import export_onnx, check_onnx
+from amt_lib.cli import main
 from amt_lib.metrics import read_hand_results
 
 torch.set_num_threads(1)
@@ -47,7 +48,7 @@ def test_cli_predict_photo(ckpt, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((480, 640, 3)) * 255).astype(np.uint8)).save(tmp_path/'a.jpg')
     Image.fromarray((rng.random((480, 640, 3)) * 255).astype(np.uint8)).save(tmp_path/'b.png')
-    rc, out, err = run(cli_predict, [str(tmp_path/'a.jpg'), str(tmp_path/'b.png'), '--ckpt', str(ckpt), '--device', 'cpu',
+    rc, out, err = run(main, ['predict', str(tmp_path/'a.jpg'), str(tmp_path/'b.png'), '--ckpt', str(ckpt), '--device', 'cpu',
                                      '--hand-box', '300,200,380,300', '--K', '600,600,320,240', '--out', str(tmp_path/'o')])
     assert rc == 0, err
     r = json.loads((tmp_path/'o'/'a.json').read_text())
@@ -56,15 +57,15 @@ def test_cli_predict_photo(ckpt, tmp_path):
     assert (tmp_path/'o'/'b_overlay.png').exists()
     assert len(r['hand']['confidence']) == 21 and 'exp(-e / tau)' in r['hand']['confidence_meaning']   # the trained quantity, said
     assert all('force_n' not in o.get('contact', {}) for o in r['objects'])                       # no forces: nothing trains them
-    rc, out, _ = run(cli_predict, [str(tmp_path/'a.jpg'), '--ckpt', str(ckpt), '--device', 'cpu', '--out', str(tmp_path/'c')])
+    rc, out, _ = run(main, ['predict', str(tmp_path/'a.jpg'), '--ckpt', str(ckpt), '--device', 'cpu', '--out', str(tmp_path/'c')])
     r = json.loads((tmp_path/'c'/'a.json').read_text())
     assert rc == 0 and r['crop']['mode'] == 'centre' and 'centre-cropped' in out and r['K_source'].startswith('default')
-    rc, _, err = run(cli_predict, [str(tmp_path/'a.jpg'), '--ckpt', str(ckpt), '--hand-box', '1,2,3'])
+    rc, _, err = run(main, ['predict', str(tmp_path/'a.jpg'), '--ckpt', str(ckpt), '--hand-box', '1,2,3'])
     assert rc == 2 and '--hand-box' in err
 
 
 def test_cli_eval_synth(ckpt, tmp_path):
-    rc, out, err = run(cli_eval, ['--ckpt', str(ckpt), '--data', 'synth', '--split', 'test', '--device', 'cpu',
+    rc, out, err = run(main, ['eval', '--ckpt', str(ckpt), '--data', 'synth', '--split', 'test', '--device', 'cpu',
                                   '--no-progress', '--out', str(tmp_path)])
     assert rc == 0, err
     m = json.loads((tmp_path/'metrics.json').read_text())
@@ -76,12 +77,12 @@ def test_cli_eval_synth(ckpt, tmp_path):
     assert 'conf_spearman' in m['metrics'] and 'conf_ause' in out               # the confidence's calibration
     idx, j = read_hand_results(tmp_path/'hpe_s0_test.txt')
     assert j.shape == (m['samples'], 21, 3)
-    rc, _, err = run(cli_eval, ['--ckpt', str(ckpt), '--data', 'dexycb', '--root', str(tmp_path/'nowhere'), '--device', 'cpu'])
+    rc, _, err = run(main, ['eval', '--ckpt', str(ckpt), '--data', 'dexycb', '--root', str(tmp_path/'nowhere'), '--device', 'cpu'])
     assert rc == 2 and 'nowhere' in err
 
 
 def test_cli_export_onnx_matches_onnxruntime(ckpt, tmp_path):
-    rc, out, err = run(cli_export, ['onnx', '--ckpt', str(ckpt), '--out', str(tmp_path/'m.onnx')])
+    rc, out, err = run(main, ['export', 'onnx', '--ckpt', str(ckpt), '--out', str(tmp_path/'m.onnx')])
     assert rc == 0, out + err
     assert 'within tolerance' in out
     worst = float(out.split('max abs difference ')[1].split()[0])
@@ -92,7 +93,7 @@ def test_cli_export_onnx_matches_onnxruntime(ckpt, tmp_path):
 def test_cli_export_torchscript_matches_eager(ckpt, tmp_path):
     "The traced file loads and gives the eager model's outputs (EMA weights) at another batch size than the traced one."
     from amt_lib.export import example_inputs, output_keys
-    rc, out, err = run(cli_export, ['torchscript', '--ckpt', str(ckpt), '--out', str(tmp_path/'m.pt'), '--batch', '2'])
+    rc, out, err = run(main, ['export', 'torchscript', '--ckpt', str(ckpt), '--out', str(tmp_path/'m.pt'), '--batch', '2'])
     assert rc == 0 and 'TorchScript' in out, err
     ts = torch.jit.load(str(tmp_path/'m.pt'))
     eager = Predictor.from_checkpoint(ckpt, device='cpu', precision='fp32').model
@@ -108,13 +109,12 @@ def test_cli_export_torchscript_matches_eager(ckpt, tmp_path):
 
 def test_cli_bench_writes_json(tmp_path):
     "`amt bench` runs on CPU and writes its record (a few sections, few iterations: this checks the command, not speed)."
-    from amt_lib.bench import cli_bench
-    rc, out, err = run(cli_bench, ['--preset', 'smoke', '--only', 'train,infer,attention', '--steps', '2', '--iters', '2',
+    rc, out, err = run(main, ['bench', '--preset', 'smoke', '--only', 'train,infer,attention', '--steps', '2', '--iters', '2',
                                    '--infer-batch', '4', '--json', str(tmp_path/'b.json')])
     assert rc == 0, err
     rec = json.loads((tmp_path/'b.json').read_text())
     figs = {f['figure']: f for f in rec['figures']}
     assert figs['training throughput']['value'] > 0 and figs['training FLOPs per sample']['value'] > 0
     assert figs['inference batch 4']['ratio'] is not None and 'eager attention' in out
-    rc, _, err = run(cli_bench, ['--only', 'warp'])
+    rc, _, err = run(main, ['bench', '--only', 'warp'])
     assert rc == 2 and 'warp' in err

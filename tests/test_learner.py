@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from amt_lib.learner.core import synth_learner, Callback, get_rng_state
-from amt_lib.learner.callbacks import (SchedulerCB, make_scheduler, EMACB, GradClipCB, AccumulateCB, NonFiniteCB, StopCB,
-                                       Recorder, read_metrics)
+from amt_lib.learner.callbacks import SchedulerCB, EMACB, GradClipCB, AccumulateCB, NonFiniteCB, StopCB, Recorder
+from amt_lib.learner.optim import make_scheduler
+from amt_lib.learner.reporting import read_metrics
 from amt_lib.learner.checkpoint import CheckpointCB, load_checkpoint, restore_learner, CheckpointError
 
 HAVE_DATA = importlib.util.find_spec('amt_lib.data.synthetic') is not None and importlib.util.find_spec('amt_lib.models.amt') is not None
@@ -159,7 +160,7 @@ def test_sigterm_fixture_finishes_step_and_saves(tmp_path):
 
 @needs_data
 def test_sigterm_amt_train(tmp_path):
-    code = 'import sys; from amt_lib.learner.train import cli_train; sys.exit(cli_train(sys.argv[1:]))'
+    code = "import sys; from amt_lib.cli import main; sys.exit(main(['train', *sys.argv[1:]]))"
     p = subprocess.Popen([sys.executable, '-c', code, '--preset', 'smoke', '--run-dir', str(tmp_path), *QUIET, 'training.epochs=100'],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     _wait_for(p, '[train] step 2/')
@@ -184,10 +185,10 @@ def test_ddp_two_gloo_ranks_match_single_process():
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
     if not HAVE_DATA: pytest.skip('amt_lib.data.synthetic / amt_lib.models.amt not built yet')
-    from amt_lib.learner.train import cli_train
+    from amt_lib.cli import main
     d = tmp_path_factory.mktemp('smoke')/'run'
     t0 = time.time()
-    rc = cli_train(['--preset', 'smoke', '--run-dir', str(d)])
+    rc = main(['train', '--preset', 'smoke', '--run-dir', str(d)])
     return d, rc, time.time() - t0
 
 def test_amt_train_smoke_leaves_a_complete_run_dir(smoke_run):
@@ -205,23 +206,23 @@ def test_amt_train_smoke_leaves_a_complete_run_dir(smoke_run):
     assert ck['best_metric'] == min(r['rr_mpjpe'] for r in rows if r['split'] == 'val')
 
 def test_resume_with_another_model_config_names_the_keys(smoke_run, capsys):
-    from amt_lib.learner.train import cli_train
+    from amt_lib.cli import main
     d, _, _ = smoke_run
-    rc = cli_train(['--preset', 'smoke', '--resume', str(d/'checkpoints'/'last.pt'), 'model.hidden_dim=32', 'model.num_layers=2'])
+    rc = main(['train', '--preset', 'smoke', '--resume', str(d/'checkpoints'/'last.pt'), 'model.hidden_dim=32', 'model.num_layers=2'])
     err = capsys.readouterr().err
     assert rc == 2
     assert 'model.hidden_dim: checkpoint 64, config 32' in err and 'model.num_layers: checkpoint 1, config 2' in err
 
 def test_resume_without_preset_uses_checkpoint_config(smoke_run, tmp_path):
-    from amt_lib.learner.train import _config_for_resume
+    from amt_lib.learner.runs import resume_config
     d, _, _ = smoke_run
-    cfg = _config_for_resume(str(d/'checkpoints'/'last.pt'), None, ['training.epochs=2'])
+    cfg = resume_config(str(d/'checkpoints'/'last.pt'), None, ['training.epochs=2'])
     assert cfg.name == 'smoke' and cfg.training.epochs == 2 and cfg.model.hidden_dim == 64
 
 @needs_data
 def test_amt_sweep_offline(tmp_path):
-    from amt_lib.learner.sweep import cli_sweep
-    rc = cli_sweep(['--preset', 'smoke', '--param', 'training.lr=1e-3,1e-2', '--sweep-dir', str(tmp_path), *QUIET,
+    from amt_lib.cli import main
+    rc = main(['sweep', '--preset', 'smoke', '--param', 'training.lr=1e-3,1e-2', '--sweep-dir', str(tmp_path), *QUIET,
                     'logging.wandb=false', 'training.max_steps=2', 'training.eval_every=2'])
     assert rc == 0
     md = (tmp_path/'results.md').read_text()

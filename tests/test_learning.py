@@ -6,10 +6,11 @@ import pytest
 import torch
 from amt_lib.config import load_config
 from amt_lib.learner.train import train
-from amt_lib.learner.callbacks import read_metrics
+from amt_lib.learner.reporting import read_metrics
 from amt_lib.inference import Predictor
 from amt_lib.metrics import COLLAPSE_RATIO
-from amt_lib.stages import evaluation_data, hand_summary
+from amt_lib.pipeline import evaluation_data
+from amt_lib.metrics import hand_summary
 
 STEPS = 280
 MARGIN = 0.75  # rr-MPJPE must be <= MARGIN x the mean-pose baseline; measured 2026-11-30 on 2 CPU cores: 56.5 vs 86.5 mm (0.65;

@@ -135,7 +135,7 @@ def test_matching_finds_the_right_slots():
 
 def test_schedules(cfg):
     from amt_lib.stages import stage_config
-    h200 = stage_config('h200', [], 2)             # the h200 recipe's diversity schedule is stage 2's: 0.1, then 0.05 from epoch 20
+    h200 = stage_config(load_config('h200'), 2)             # the h200 recipe's diversity schedule is stage 2's: 0.1, then 0.05 from epoch 20
     crit = AMTLoss(h200)
     out, batch = fake_outputs(grad=False), fake_batch()
     assert crit(out, batch, epoch=0)['w_diversity'].item() == pytest.approx(0.1)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from amt_lib.config import load_config
 from amt_lib.geometry import project_points
-from amt_lib.models.amt import (AMT, COMPONENTS, build_model, cli_model, freeze_all_except, parameter_summary,
+from amt_lib.cli import main as amt_main
+from amt_lib.models.amt import (AMT, COMPONENTS, build_model, freeze_all_except, parameter_summary,
                                 unfreeze_all)
 from amt_lib.models.backbone import BackboneWeightsError, load_dinov2
 from amt_lib.models.refinement import sample_features
@@ -132,7 +133,7 @@ def test_sampled_features_match_pattern():
 
 def test_cli_model_summary_h200():
     with contextlib.redirect_stdout(io.StringIO()) as buf:
-        assert cli_model(['summary', '--preset', 'h200']) == 0
+        assert amt_main(['model', 'summary', '--preset', 'h200']) == 0
     text = buf.getvalue()
     for n in COMPONENTS + ('total',): assert n in text
     assert 'facebook/dinov2-large' in text and '304,368,640' in text   # dinov2-large's own size, no download

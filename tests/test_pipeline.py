@@ -152,7 +152,8 @@ def test_rehearsal_summary(rehearsal):
     assert s['stages']['stage2']['steps'] == 10 and s['stages']['stage3']['steps'] == 10 and s['stages']['stage1']['steps'] == 12
 
 # --- the h200 recipe as the stages train it (`amt recipe`), the disk budget, stage 2 without stage 1 ---
-from amt_lib.stages import recipe, run_stage, STAGE1_TERMS
+from amt_lib.stages import recipe, STAGE1_TERMS
+from amt_lib.pipeline import run_stage
 
 def test_recipe_h200_table():
     r = {x['name']: x for x in recipe('h200')}
@@ -181,10 +182,10 @@ def test_recipe_h200_table():
 
 def test_train_refuses_a_disk_too_small(tmp_path, monkeypatch, capsys):
     import amt_lib.learner.checkpoint as ck
-    from amt_lib.learner.train import cli_train
+    from amt_lib.cli import main
     monkeypatch.setattr(ck, 'free_bytes', lambda path: 10**6)                    # 1 MB free
     run = tmp_path/'tiny-disk'
-    assert cli_train(['--preset', 'smoke', '--run-dir', str(run), 'logging.progress=quiet']) == 2
+    assert main(['train', '--preset', 'smoke', '--run-dir', str(run), 'logging.progress=quiet']) == 2
     err = capsys.readouterr().err
     assert str(run) in err and 'need up to' in err and 'free' in err and 'training.keep_checkpoints' in err
     assert not (run/'checkpoints').exists()
@@ -198,7 +199,7 @@ def test_hard_mining_resumes_exactly(tmp_path, monkeypatch):
     "A run cut mid-epoch with hard mining on continues with the same batches (the drawn order and the error table are in the checkpoint)."
     from amt_lib.config import load_config
     from amt_lib.learner.train import train
-    from amt_lib.learner.callbacks import read_metrics
+    from amt_lib.learner.reporting import read_metrics
     monkeypatch.setenv('WANDB_MODE', 'disabled')
     ov = ['logging.progress=quiet', 'logging.plots=false', 'logging.tensorboard=false', 'training.epochs=3',
           'training.eval_every=0', 'training.hard_mining=true', 'training.hard_mining_share=0.5']   # smoke: 4 steps an epoch
@@ -213,9 +214,9 @@ def test_hard_mining_resumes_exactly(tmp_path, monkeypatch):
 
 def test_pipeline_refuses_a_disk_too_small(tmp_path, monkeypatch, capsys):
     import amt_lib.learner.checkpoint as ck
-    from amt_lib.stages import cli_pipeline
+    from amt_lib.cli import main
     monkeypatch.setattr(ck, 'free_bytes', lambda path: 10**5)                    # 100 kB free
-    assert cli_pipeline(['--preset', 'smoke', '--run-dir', str(tmp_path/'p')]) == 2
+    assert main(['pipeline', '--preset', 'smoke', '--run-dir', str(tmp_path/'p')]) == 2
     err = capsys.readouterr().err
     assert 'the pipeline keeps up to' in err and str(tmp_path/'p') in err
     assert not (tmp_path/'p'/'stage1.ipynb').exists()                            # refused before any notebook ran

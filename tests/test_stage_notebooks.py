@@ -3,7 +3,8 @@ says when its input is missing or the recipe replaces an override, and bar mode'
 import json
 from pathlib import Path
 import nbformat, papermill as pm, pytest, torch
-from amt_lib.stages import experiments_dir, EXPERIMENTS, STAGE1_TERMS
+from amt_lib.stages import STAGE1_TERMS
+from amt_lib.pipeline import experiments_dir, EXPERIMENTS
 
 def execute(nb: str, out: Path, **params) -> nbformat.NotebookNode:
     "Run an experiment notebook (a name of EXPERIMENTS) with papermill; the executed notebook."

@@ -7,7 +7,10 @@ from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader
 
 from amt_lib.config import load_config
-from amt_lib.data.synthetic import SynthHOI, YCB_CLASSES, YCB_PRIMITIVES, hand_rig, primitive_mesh, ycb_primitives
+from amt_lib.tables import YCB_CLASSES
+from amt_lib.data.render import YCB_PRIMITIVES, primitive_mesh, ycb_primitives
+from amt_lib.data.rig import hand_rig
+from amt_lib.data.synthetic import SynthHOI
 from amt_lib.geometry import project_points
 from amt_lib.hand_model import MANOLayer
 
@@ -92,7 +95,7 @@ def test_seg_and_depth_at_joints(ds):
 
 
 def _surface_points(cls, R, t, n=30000, seed=0):
-    kind, ext, _ = YCB_PRIMITIVES[YCB_CLASSES[cls - 1]]
+    kind, ext, _ = YCB_PRIMITIVES[YCB_CLASSES[cls]]
     V, _, F = primitive_mesh(kind, ext)
     T = V[F]; area = np.linalg.norm(np.cross(T[:, 1] - T[:, 0], T[:, 2] - T[:, 0]), axis=1) / 2
     rng = np.random.default_rng(seed); f = rng.choice(len(F), n, p=area / area.sum())
@@ -150,7 +153,7 @@ def test_from_config():
 
 
 def test_bench_cli(tmp_path):
-    out = subprocess.run([sys.executable, '-m', 'amt_lib.data.synthetic', '--bench', '-n', '30', '--json', str(tmp_path / 'b.json')],
+    out = subprocess.run([sys.executable, '-m', 'amt_lib.cli', 'bench-synth', '--bench', '-n', '30', '--json', str(tmp_path / 'b.json')],
                          capture_output=True, text=True, check=True, env=os.environ | {'OMP_NUM_THREADS': '1'})
     r = json.loads((tmp_path / 'b.json').read_text())
     assert 'samples/s' in out.stdout and r['samples'] == 30 and r['samples_per_s'] > 0 and r['threads'] == 1
