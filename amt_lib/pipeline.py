@@ -12,7 +12,7 @@ import yaml
 from omegaconf import DictConfig
 from .config import (load_config, apply_overrides, git_commit, PACKAGE_DIR, ConfigError,
                             validate_config)
-from .metrics import mean_root_relative_hand, hand_summary, diversity_verdict
+from .metrics import mean_root_relative_hand, hand_summary, diversity_verdict, monitor_choices
 from .data.loaders import build_dataset, build_dataloaders, build_eval_loader
 from .models.amt import build_model
 from .learner.reporting import read_metrics
@@ -172,7 +172,8 @@ def run_pipeline(preset: str = 'cpu-demo', # preset name or YAML path
                  verbose: bool = False, # papermill's log, every number of each log record, the debugging notebook's tables
                 ) -> dict:
     "Run the experiment notebooks in order, each from the previous one's checkpoint; write and return the summary."
-    cfg = load_config(preset, list(overrides))   # fail fast on a bad key, before any notebook starts
+    cfg = load_config(preset, list(overrides))   # fail fast on a bad key or value, before any notebook starts
+    validate_config(cfg, 'train', monitor_choices(cfg))
     run_dir = Path(run_dir or run_dir_name(cfg.name, 'pipeline')).absolute()
     args = dict(preset=str(preset), overrides=list(overrides), max_steps=max_steps, max_minutes=max_minutes, stages=list(stages))
     if not resume and ((run_dir/'pipeline.json').exists() or any((run_dir/s).exists() for s in STAGE_NAMES.values())):
@@ -345,9 +346,10 @@ def run_stage(stage: int, # 1, 2 or 3
               max_minutes: float | None = None, # per stage (stage 1: split over its components)
               headless: bool | None = None, # True: plain log lines, no progress bars
               resume: bool = False, # continue an interrupted stage in `run_dir`: finished runs are kept, the interrupted one resumes from its last.pt
+              cfg: DictConfig | None = None, # `load_config(preset, overrides)` when the caller has it already
              ) -> dict:
     "Train one stage of the recipe and return (and write to `<stage dir>/summary.json`) its summary."
-    base = load_config(preset, list(overrides))                        # the one load of this stage's config
+    base = cfg if cfg is not None else load_config(preset, list(overrides))   # the one load of this stage's config
     run_dir = Path(run_dir).absolute()
     for line in recipe_replaces(base, overrides, stage): print(f'[stage {stage}] {line}', flush=True)
     start = _stage_start(stage, base, preset, run_dir, init_from)       # a missing input: an error before any folder exists
@@ -433,12 +435,13 @@ def train_command(stage: int | None = None, # 1, 2 or 3: one stage of the recipe
         raise ConfigError(f"--stage {stage} needs --init-from ({prev}) "
                           f"or the --run-dir of a pipeline folder holding stage {stage - 1}")
     preset, overrides = preset or 'smoke', [*overrides, *['logging.verbose=true'] * verbose]
-    cfg = validate_config(load_config(preset, overrides), 'train')           # before any stage work starts
+    cfg = load_config(preset, overrides)                                    # the stage's one load
+    validate_config(cfg, 'train', monitor_choices(cfg))                     # before any stage work starts
     if init_from not in (None, 'scratch') and not Path(init_from).is_dir():   # a file: ours, readable, holding weights
         require_checkpoint(load_checkpoint(init_from), init_from)
     run_dir = Path(run_dir or run_dir_name(cfg.name, 'pipeline'))
     s = run_stage(stage, preset, overrides, run_dir, init_from, max_steps, max_minutes,
-                  headless=not sys.stdout.isatty(), resume=bool(resume))
+                  headless=not sys.stdout.isatty(), resume=bool(resume), cfg=cfg)
     print(summary_table({STAGE_NAMES[stage]: s}))
     print(f'every number (per joint, per object, the guards): {run_dir.absolute()/STAGE_NAMES[stage]/"summary.json"}')
     return 0
@@ -475,7 +478,8 @@ def run_notebook_command(notebook: str | os.PathLike, # a notebook path or one o
                               f"; its parameters: {', '.join(known)}")
     if preset: params['preset'] = preset
     if overrides: params['overrides'] = list(overrides)
-    name = validate_config(load_config(params.get('preset', 'smoke'), params.get('overrides', [])), 'train').name
+    c = load_config(params.get('preset', 'smoke'), params.get('overrides', []))
+    name = validate_config(c, 'train', monitor_choices(c)).name
     run_dir = Path(run_dir or params.get('run_dir') or run_dir_name(name)).absolute()
     if 'run_dir' in known: params['run_dir'] = str(run_dir)      # only names it has: papermill warns of any other
     if 'headless' in known: params.setdefault('headless', True)
@@ -514,7 +518,6 @@ def pipeline_command(preset: str = 'cpu-demo', # preset name or YAML path
     if max_steps is not None and max_steps < 1: raise ConfigError(f'--max-steps {max_steps}: expected an integer >= 1')
     if max_minutes is not None and not max_minutes > 0:
         raise ConfigError(f'--max-minutes {max_minutes}: expected a number > 0')
-    validate_config(load_config(preset, overrides), 'train')
     try: run_pipeline(preset, run_dir, overrides, max_steps, max_minutes, names, resume=bool(resume), verbose=verbose)
     except NotebookStopped: return 0     # a stop signal: the stage saved; the message says how to resume
     except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1

@@ -15,7 +15,7 @@ from ..runtime import ignore_stop_signals
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'cache_fields', 'bytes_per_sample', 'dataset_key', 'build_cache', 'read_manifest', 'ToySamples',
-           'CacheTooLarge', 'DeviceCache', 'BatchSchedule', 'CacheLoader']
+           'CacheTooLarge', 'DeviceCache', 'epoch_order', 'BatchSchedule', 'CacheLoader']
 
 # %% ../../nbs/06g_data.cache.ipynb #f660bfaf
 CACHE_VERSION = 1
@@ -275,6 +275,16 @@ class DeviceCache:
     def __repr__(self):
         return f'DeviceCache({self.path.name}, {self.num_samples} samples, {self.nbytes / 1e9:.3f} GB on {self.device})'
 
+# %% ../../nbs/06g_data.cache.ipynb #b8b51c74
+def epoch_order(n: int, # samples in the data set
+                seed: int, # the run's seed
+                epoch: int, # the epoch (0-based)
+                shuffle: bool = True, # False: 0..n-1
+               ) -> torch.Tensor: # (n,) int64 sample order
+    "The sample order of an epoch: a permutation that is a pure function of (seed, epoch), so a resumed run repeats it."
+    if not shuffle: return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch)))
+
 # %% ../../nbs/06g_data.cache.ipynb #2077b00e
 class BatchSchedule:
     "The indices of each batch, epoch by epoch (hard samples optionally oversampled); `state_dict()` resumes exactly."
@@ -304,7 +314,7 @@ class BatchSchedule:
     def order(self, epoch: int) -> torch.Tensor: # (n,) sample order of an epoch
         "The sample order of an epoch: a seeded permutation (or 0..n-1), a `hard_share` of it redrawn by error."
         if not self.shuffle: return torch.arange(self.n)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        perm = epoch_order(self.n, self.seed, epoch)
         if not self.hard_share: return perm
         if self._drawn is not None and self._drawn[0] == epoch: return self._drawn[1]
         k, seen = round(self.hard_share * self.n), ~self.errors.isnan()

@@ -13,6 +13,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from ..runtime import unwrap_model
+from ..data.cache import epoch_order
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'CancelStepException', 'Callback', 'run_cbs',
@@ -143,10 +144,7 @@ class ResumableSampler(Sampler):
 
     def indices(self, epoch: int) -> list[int]:
         "This rank's full index list of `epoch`."
-        if self.shuffle:
-            g = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(epoch))
-            idx = torch.randperm(self.n, generator=g).tolist()
-        else: idx = list(range(self.n))
+        idx = epoch_order(self.n, self.seed, epoch, self.shuffle).tolist()   # the loaders' order (`BatchSchedule`)
         w = self.world_size
         if self.drop_last: idx = idx[:len(idx) // w * w]
         else: idx += (idx * math.ceil(w / len(idx)))[:(-len(idx)) % w]
