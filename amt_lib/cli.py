@@ -24,7 +24,8 @@ _ERROR_CLASSES = (('amt_lib.config', 'ConfigError'), ('amt_lib.learner.checkpoin
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR,
                 errno.EISDIR, errno.EEXIST, errno.ENOENT}
 
-def expected_error(e: BaseException) -> bool:
+def expected_error(e: BaseException, # the exception a command raised
+                  ) -> bool:
     "Is `e` caused by the user's input or machine (a bad value, file, checkpoint or data; a full disk), not a bug?"
     classes = [getattr(sys.modules[m], n) for m, n in _ERROR_CLASSES if m in sys.modules and hasattr(sys.modules[m], n)]
     if isinstance(e, tuple(classes)): return True    # a module that was never imported raised nothing
@@ -35,7 +36,8 @@ def expected_error(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in _DISK_ERRNOS
 
 def error_line(cmd: str, # the subcommand, e.g. 'train'
-               e: BaseException) -> str:
+               e: BaseException, # the exception to report
+              ) -> str:
     "`amt <cmd>: error: <message>` on one line (a multi-line message is joined with '; ')."
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str): msg = e.args[0]

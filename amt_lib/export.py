@@ -19,14 +19,20 @@ __all__ = ['ExportWrapper', 'example_inputs', 'output_keys', 'ExportError', 'exp
 # %% ../nbs/12a_export.ipynb #d831987f
 class ExportWrapper(nn.Module):
     "`model(image, K)` -> the tensors of its output dict, as a tuple in the order of `keys`."
-    def __init__(self, model: nn.Module, keys: Sequence[str]):
+    def __init__(self,
+                 model: nn.Module, # the AMT model: `model(image, K)` -> dict of pred_* tensors
+                 keys: Sequence[str], # output keys to return, in this order (`output_keys`)
+                ):
         super().__init__()
         self.model, self.keys = model, list(keys)
     def forward(self, image: Tensor, K: Tensor) -> tuple[Tensor, ...]:
         out = self.model(image, K)
         return tuple(out[k] for k in self.keys)
 
-def example_inputs(batch: int = 2, size: int = 224, seed: int = 0) -> tuple[Tensor, Tensor]:
+def example_inputs(batch: int = 2, # batch size B
+                   size: int = 224, # image side, pixels
+                   seed: int = 0, # seed of the random image
+                  ) -> tuple[Tensor, Tensor]:
     "A random image batch (B,3,size,size) 0..1 and plausible intrinsics (B,3,3) for it."
     g = torch.Generator().manual_seed(seed)
     img = torch.rand(batch, 3, size, size, generator=g)
@@ -35,7 +41,10 @@ def example_inputs(batch: int = 2, size: int = 224, seed: int = 0) -> tuple[Tens
     return img, K
 
 @torch.no_grad()
-def output_keys(model: nn.Module, image: Tensor, K: Tensor) -> list[str]:
+def output_keys(model: nn.Module, # the model to run once
+                image: Tensor, # (B,3,S,S) float 0..1
+                K: Tensor, # (B,3,3) intrinsics, pixels
+               ) -> list[str]:
     "Keys of the model's output whose values are tensors with the batch as leading axis (what gets exported)."
     out = model(image, K)
     return [k for k, v in out.items() if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == image.shape[0]]
@@ -53,12 +62,16 @@ def _quiet_logger(name: str):
     try: yield
     finally: lg.setLevel(old)
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, # the .onnx file to write
-                batch: int = 2, size: int = 224, opset: int = 18,
+def export_onnx(model: nn.Module, # the model to export (moved to CPU, eval mode)
+                path: str | os.PathLike, # the .onnx file to write
+                batch: int = 2, # batch size of the example inputs
+                size: int = 224, # image side of the example inputs, pixels
+                opset: int = 18, # ONNX opset version
                 exporter: str = 'auto', # auto (dynamo, legacy if that fails) | dynamo | legacy
                ) -> dict: # path, keys, exporter used, seconds
     "Export `model(image, K)` to ONNX with a dynamic batch axis."
-    if exporter not in ('auto', 'dynamo', 'legacy'): raise ValueError(f'exporter must be auto, dynamo or legacy, got {exporter!r}')
+    if exporter not in ('auto', 'dynamo', 'legacy'):
+        raise ValueError(f'exporter must be auto, dynamo or legacy, got {exporter!r}')
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     img, K = example_inputs(batch, size)
@@ -77,8 +90,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, # the .onnx file to w
                                              output_names=keys, dynamic_shapes=({0: B}, {0: B}), optimize=True)
                     prog.save(str(path), external_data=big)
                 else:
-                    torch.onnx.export(w, (img, K), str(path), dynamo=False, opset_version=opset, input_names=['image', 'K'],
-                                      output_names=keys, dynamic_axes={n: {0: 'batch'} for n in ['image', 'K', *keys]})
+                    torch.onnx.export(
+                        w,
+                        (img, K),
+                        str(path),
+                        dynamo=False,
+                        opset_version=opset,
+                        input_names=['image', 'K'],
+                        output_names=keys,
+                        dynamic_axes={n: {0: 'batch'} for n in ['image', 'K', *keys]},
+                    )
             return dict(path=str(path), keys=keys, exporter=how, seconds=round(time.time() - t0, 2),
                         fallback_reason='; '.join(errors) or None)
         except Exception as e:
@@ -87,7 +108,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, # the .onnx file to w
             errors.append(msg)
     raise ExportError('ONNX export failed: ' + ' | '.join(errors))
 
-def check_onnx(path: str | os.PathLike, model: nn.Module, batch_sizes: Sequence[int] = (1, 3), size: int = 224,
+def check_onnx(path: str | os.PathLike, # the .onnx file
+               model: nn.Module, # the PyTorch model it was exported from
+               batch_sizes: Sequence[int] = (1, 3), # batch sizes to run both at
+               size: int = 224, # image side, pixels
               ) -> dict[str, float]: # output name -> max |onnx - torch| over the batch sizes
     "Run the ONNX file in onnxruntime and compare every output with PyTorch's at several batch sizes."
     import onnxruntime as ort
@@ -108,8 +132,12 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, batch_sizes: Sequence[
     return diffs
 
 # %% ../nbs/12a_export.ipynb #e535b8ae
-def export_torchscript(model: nn.Module, path: str | os.PathLike, batch: int = 2, size: int = 224,
-                       check_batch: int = 3) -> dict: # path, keys, max abs difference at another batch size
+def export_torchscript(model: nn.Module, # the model to trace (moved to CPU, eval mode)
+                       path: str | os.PathLike, # the .pt file to write
+                       batch: int = 2, # batch size of the trace inputs
+                       size: int = 224, # image side, pixels
+                       check_batch: int = 3, # another batch size the saved trace is checked at
+                      ) -> dict: # path, keys, max abs difference at another batch size
     "Trace `model(image, K)` with torch.jit.trace and check it at another batch size; `ExportError` saying why if not."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -125,11 +153,14 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, batch: int = 2
             got, ref = torch.jit.load(str(path))(img2, K2), w(img2, K2)
             for k, g, r in zip(keys, got, ref):
                 if g.shape != r.shape:
-                    raise ExportError(f'output {k} has shape {tuple(g.shape)} at batch {check_batch}, expected {tuple(r.shape)} '
-                                      f'(the trace baked in the batch size)')
+                    raise ExportError(
+                        f'output {k} has shape {tuple(g.shape)} at batch {check_batch}, expected {tuple(r.shape)} '
+                        f'(the trace baked in the batch size)'
+                    )
     except Exception as e:
         raise ExportError(f'TorchScript export does not work for {type(model).__name__}: {type(e).__name__}: '
-                          f'{str(e).splitlines()[0][:300] if str(e) else ""}. Use ONNX (amt export onnx) instead.') from None
+                          f'{str(e).splitlines()[0][:300] if str(e) else ""}. '
+                          'Use ONNX (amt export onnx) instead.') from None
     diff = max(float((g - r).abs().max()) for g, r in zip(got, ref) if r.numel())
     return dict(path=str(path), keys=keys, max_abs_diff=diff)
 

@@ -25,7 +25,8 @@ def resolve_device(spec: str | torch.device = 'auto', # auto | cpu | cuda | cuda
     if str(spec) == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try: d = torch.device(spec)
     except RuntimeError: d = None
-    if d is None or d.type not in ('cpu', 'cuda'): raise ConfigError(f'{say}: expected auto, cpu or cuda (cuda:N for GPU N)')
+    if d is None or d.type not in ('cpu', 'cuda'):
+        raise ConfigError(f'{say}: expected auto, cpu or cuda (cuda:N for GPU N)')
     if d.type == 'cuda':
         if not torch.cuda.is_available():
             raise ConfigError(f'{say}: no CUDA device is visible to torch {torch.__version__} here; use auto or cpu')

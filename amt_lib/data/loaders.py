@@ -77,11 +77,12 @@ class BatchLoader:
 def build_dataloaders(cfg, # run config
                       device: str | torch.device | None = None, # move DataLoader batches here before augmenting
                       run_dir=None, # DexYCB: skipped frames are logged to <run_dir>/data/errors_<split>.jsonl
-                      progress: str = 'plain', # a first-run cache build: 'bar' (notebook, terminal), 'plain' (log lines), 'quiet'
-                      world_size: int = 1, # processes sharing each batch (torchrun): batches of training.batch_size x world_size
+                      progress: str = 'plain', # cache build: 'bar' (notebook, terminal), 'plain' (lines), 'quiet'
+                      world_size: int = 1, # processes sharing each batch (torchrun): batches of batch_size x this
                      ) -> tuple: # (train_dl, val_dl): BatchLoader or CacheLoader, each with `.source` (its data set)
     "Training and validation loaders of a run (device cache when `cfg.data.cache`)."
-    d, bs = cfg.data, int(cfg.training.batch_size) * int(world_size)   # each process keeps its share (`ResumableLoader`)
+    # each process keeps its share (`ResumableLoader`)
+    d, bs = cfg.data, int(cfg.training.batch_size) * int(world_size)
     hard = float(cfg.training.hard_mining_share) if cfg.training.hard_mining else 0.0   # training batches only
     log = lambda s: Path(run_dir)/'data'/f'errors_{s}.jsonl' if run_dir is not None and d.source == 'dexycb' else None
     train, val = build_dataset(cfg, d.train_split, log('train')), build_dataset(cfg, d.val_split, log('val'))
@@ -90,9 +91,15 @@ def build_dataloaders(cfg, # run config
         for dl, ds in zip(loaders, (train, val)): dl.source = ds
         return loaders
     if d.cache:
-        kw = dict(cache_dir=d.cache_dir or (None if d.source == 'synth' else str(getattr(train, 'root', '')) + '/.amt_cache'),
-                  device=d.cache_device, max_gb=d.cache_max_gb, max_samples=d.cache_max_samples,
-                  with_maps=d.cache_maps, num_workers=d.num_workers, progress=progress)
+        kw = dict(
+            cache_dir=d.cache_dir or (None if d.source == 'synth' else str(getattr(train, 'root', '')) + '/.amt_cache'),
+            device=d.cache_device,
+            max_gb=d.cache_max_gb,
+            max_samples=d.cache_max_samples,
+            with_maps=d.cache_maps,
+            num_workers=d.num_workers,
+            progress=progress,
+        )
         return tag((CacheLoader(DeviceCache(train, **kw), bs, True, aug, cfg.seed, True, hard),
                     CacheLoader(DeviceCache(val, **kw), bs, False, None, cfg.seed, False)))
     return tag((BatchLoader(train, bs, True, aug, d.num_workers, cfg.seed, True, device, hard),

@@ -51,7 +51,7 @@ class ResumableLoader:
                  loader, # a loader of whole (global) batches with `set_epoch`
                  rank: int = 0, # this process
                  world_size: int = 1, # processes sharing each batch
-                 batch_size: int | None = None, # samples per process in a batch (training.batch_size); None: the loader's / world_size
+                 batch_size: int | None = None, # samples per process in a batch; None: the loader's / world_size
                 ):
         st = loader.state_dict()
         self.loader, self.rank, self.world_size, self.seed = loader, rank, world_size, st.get('seed')
@@ -262,9 +262,14 @@ def build_learner(cfg: DictConfig, # the run's config
         comps[name].requires_grad_(False)
     loss_module = AMTLoss(cfg).to(device)
     # the loaders draw global batches of training.batch_size x world_size; each rank keeps its share
-    train_dl, val_dl = build_dataloaders(cfg, device=device if device.type == 'cuda' else None, run_dir=run_dir,
-                                         # a first-run cache build
-                                         progress=progress_mode(lc.progress) if main else 'quiet', world_size=world_size)
+    train_dl, val_dl = build_dataloaders(
+        cfg,
+        device=device if device.type == 'cuda' else None,
+        run_dir=run_dir,
+        # a first-run cache build
+        progress=progress_mode(lc.progress) if main else 'quiet',
+        world_size=world_size,
+    )
     sources = (train_dl.source, val_dl.source)                       # the data sets, for the skip reports
     train_dl = ResumableLoader(train_dl, rank, world_size, batch_size=int(tc.batch_size))
     groups = param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module})
