@@ -998,7 +998,7 @@ def gpu_check_command(out: str | os.PathLike | None = None, # the JSON file (def
     if bad: raise ConfigError(f'--parts/--stages: unknown {bad}; parts are {GPU_CHECK_PARTS}, stages {PIPELINE_STAGES}')
     rec = gpu_check(out, device, small, parts, stages, run_dir, pipeline_preset, compile_backend,
                     log=lambda s: print(s, flush=True))
-    print('\nrows for the benchmark record (nbs/12_bench.ipynb):\n' + rec['record_rows'])
+    print('\nrows for the benchmark record (nbs/13_bench.ipynb):\n' + rec['record_rows'])
     if record:
         with open(record, 'a') as fh: fh.write(rec['record_rows'] + '\n')
         print(f'appended the rows to {record}')
