@@ -171,11 +171,11 @@ def model(action: Literal['summary'], # summary: parameter counts per component 
 @command(flags={'verbose': ('-v', '--verbose')}, resume=dict(nargs='?', const=True, metavar='CKPT'))
 def train(overrides: list[str] = (), # dotted key=value overrides, e.g. training.epochs=3
           *, preset: str | None = None, # preset name or YAML path (--stage: default smoke; --resume: the checkpoint's)
-          stage: Literal[1, 2, 3] | None = None, # run this stage of the recipe instead of a plain run
+          stage: Literal[1, 2, 3, 4] | None = None, # run this stage of the recipe instead of a plain run (4: pose head)
           run_dir: str | None = None, # run folder (default runs/<preset>-<timestamp>; --stage: a new pipeline folder)
           resume: str | None = None, # continue from this checkpoint; with --stage, no value: the stage in --run-dir
           overwrite: bool = False, # start over in a --run-dir that holds a run (removes its metrics, logs, checkpoints)
-          init_from: str | None = None, # weights to start from (--stage 2: stage-1 folder; 3: stage-2 best.pt; scratch)
+          init_from: str | None = None, # start weights (--stage 2: stage-1 folder; 3: stage-2 best.pt; 4: an AMT)
           max_steps: int | None = None, # stop after this many optimiser steps (--stage: per training run)
           max_minutes: float | None = None, # stop, with a checkpoint, after this many minutes (--stage: per stage)
           verbose: bool = False, # every number of each log record (logging.verbose)
@@ -278,10 +278,11 @@ def predict(images: list[str], # image files (any size; cropped to the model inp
             device: str = 'auto', # auto | cpu | cuda | cuda:N
             no_ema: bool = False, # use the raw weights
             compile: bool = False, # torch.compile the model
+            samples: int = 0, # also N hand hypotheses per image from the checkpoint's trained pose head (stage 4)
            ) -> int:
     "Predict hand joints, objects and contacts for photos: <name>.json and <name>_overlay.png each; 2 if one failed."
     from amt_lib.inference import predict_command
-    return predict_command(images, ckpt, K, hand_box, hints, out, device, not no_ema, compile)
+    return predict_command(images, ckpt, K, hand_box, hints, out, device, not no_ema, compile, samples)
 
 @command
 def export(format: Literal['onnx', 'torchscript'], # the output format

@@ -319,6 +319,8 @@ def predict_photos(
     batch_size: int = 16, # photos per forward pass
     margin: float | None = None, # crop side = margin x the hints' box side; None: data.crop_margin
     errors: list | None = None, # given: a failing image is appended here ({'image', 'error'}) and the others go on
+    pose_head: nn.Module | None = None, # a trained pose-hypothesis head on the predictor's device (`load_pose_head`)
+    samples: int = 0, # hand hypotheses per image drawn from `pose_head` into each record (0: none)
 ) -> list[dict]:
     "Predict each photo; write `<name>.json` and `<name>_overlay.png` (`output_names`) in `out_dir`; return records."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +339,10 @@ def predict_photos(
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
         out = predictor.predict(torch.stack([c['img'] for c in chunk]), torch.stack([c['K'] for c in chunk]))
+        if samples:   # (B,N,21,3) root-relative, metres; the same noise for the same chunk
+            ctx = out['hand_context'].to(predictor.device)
+            out['hand_hypotheses'] = pose_head.sample(ctx, samples, generator=torch.Generator(ctx.device).manual_seed(0)
+                                                      ).float().cpu()
         for i, c in enumerate(chunk):
             bad = [k for k, v in out.items() if not torch.isfinite(v[i]).all()]
             if bad:
@@ -351,6 +357,12 @@ def predict_photos(
                    'crop': {'mode': c['mode'], 'description': c['how'], 'box': c['box'].tolist(), 'size': size},
                    'K': c['Kp'].tolist(), 'K_source': c['Ksrc'], 'K_crop': c['K'].tolist(),
                    'weights': predictor.weights, **prediction_record(out, i)}
+            if samples:
+                hyp = out['hand_hypotheses'][i] + out['pred_hand_joints'][i, :1]      # (N,21,3) at the wrist, metres
+                rec['hand']['hypotheses_mm'] = (hyp * 1000).tolist()
+                rec['hand']['hypotheses_meaning'] = (
+                    f'{samples} hypotheses of the 21 joints (camera frame, mm) drawn by the pose-hypothesis head: its '
+                    'root-relative samples placed at the wrist of joints_mm')
             if c['warning']: rec['warnings'] = [c['warning']]
             if 'pred_hand_joints_2d' in out:      # back to photo pixels through the inverse crop affine
                 uv = torch.cat([out['pred_hand_joints_2d'][i], torch.ones(21, 1)], -1) @ torch.linalg.inv(c['A']).T
@@ -376,6 +388,7 @@ def predict_command(images: Sequence[str | os.PathLike], # image files (any size
                     device: str = 'auto', # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
                     ema: bool = True, # the EMA weights (False: the raw ones)
                     compile: bool = False, # torch.compile the model
+                    samples: int = 0, # hand hypotheses per image from the checkpoint's trained pose head (0: none)
                    ) -> int: # exit status: 2 when any image failed (the good ones are written), else 0
     "`amt predict`: check the options, predict every photo (`predict_photos`), report each one and the failures."
     errors = []
@@ -388,13 +401,19 @@ def predict_command(images: Sequence[str | os.PathLike], # image files (any size
                 raise ValueError(f'--hand-box must be x0,y0,x1,y1, got {hand_box!r}') from None
             clip_box(box, math.inf, math.inf)       # finite, positive size (the image bounds are checked per image)
         hints = _read_hints(hints, images) if hints else None
+        if samples < 0: raise ValueError(f'--samples {samples}: expected an integer >= 0 (0: no hypotheses)')
     except ValueError as e: raise ConfigError(str(e)) from None
+    head = None
+    if samples:   # a checkpoint without a trained pose head: CheckpointError saying how to get one
+        from amt_lib.learner.generative import load_pose_head
+        head = load_pose_head(ckpt)
     pred = Predictor.from_checkpoint(ckpt, device, use_ema=ema, compile=compile, purpose='predict')
-    recs = predict_photos(pred, images, out, K, box, hints, errors=errors)
+    recs = predict_photos(pred, images, out, K, box, hints, errors=errors,
+                          pose_head=None if head is None else head.to(pred.device), samples=samples)
     for r in recs:
         for w in r.get('warnings', []): print(f"amt predict: warning: {r['image']}: {w}", file=sys.stderr)
         print(f"{r['image']}: {r['crop']['description']}; {len(r['objects'])} object(s); "
-              f"wrote {r['json']} and {r['overlay']}")
+              + (f"{samples} hand hypotheses; " if samples else '') + f"wrote {r['json']} and {r['overlay']}")
     for e in errors: print(f"amt predict: error: {e['image']}: {e['error']}", file=sys.stderr)
     n = len(recs) + len(errors)
     print(f'amt predict: {len(recs)} of {n} image(s) written to {out}' +

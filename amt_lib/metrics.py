@@ -22,8 +22,9 @@ __all__ = ['ALIGNMENTS', 'YCB_SYMMETRIC', 'OBJ_AUC_MAX_MM', 'BOP_RECALL_SHARE', 
            'pck_curve', 'pck', 'pck_2d', 'auc', 'add', 'add_s', 'object_diameter', 'threshold_auc',
            'object_pose_scores', 'contact_counts', 'contact_scores', 'contact_accuracy', 'contact_f1',
            'confidence_calibration', 'spread_std', 'spread_ratio', 'diversity_verdict', 'RunningStats', 'Spread',
-           'DiversityReport', 'SpreadMeter', 'dexycb_hand_eval', 'write_hand_results', 'read_hand_results',
-           'finite_rows', 'Evaluator', 'mean_root_relative_hand', 'hand_summary', 'monitor_choices']
+           'DiversityReport', 'SpreadMeter', 'hypothesis_errors', 'hypothesis_summary', 'dexycb_hand_eval',
+           'write_hand_results', 'read_hand_results', 'finite_rows', 'Evaluator', 'mean_root_relative_hand',
+           'hand_summary', 'monitor_choices']
 
 # %% ../nbs/05_metrics.ipynb #adfa4438
 def root_relative(joints: Tensor, # (...,J,3) joints, joint 0 the wrist
@@ -480,6 +481,39 @@ class SpreadMeter:
                  [r['verdict'] for r in rows.values()]
         verdict = max(scored, key=_RANK.get) if scored else 'n/a'
         return DiversityReport(rows, 'healthy' if verdict == 'n/a' and rows else verdict, self.samples)
+
+# %% ../nbs/05_metrics.ipynb #815b6e42
+def hypothesis_errors(samples: Tensor, # (B,N,J,3) hypotheses per frame, metres (any root: re-rooted here)
+                      gt: Tensor, # (B,J,3) true joints, metres
+                      ns: tuple = (1, 5, 16), # hypothesis counts measured: the first n of the N
+                     ) -> dict[str, Tensor]: # per frame (B,): best_of_{n}, mean_of_{n}, spread (mm)
+    "Per frame, root-relative, mm: best-of-n and mean-of-n MPJPE for each n, and the spread of all N hypotheses."
+    s, g = root_relative(_float(samples)), root_relative(_float(gt))[:, None]       # (B,N,J,3), (B,1,J,3)
+    if max(ns) > s.shape[1]: raise ValueError(f'ns={ns}: at most the {s.shape[1]} hypotheses given')
+    per = (s - g).norm(dim=-1).mean(-1) * 1000.                                       # (B,N) rr-MPJPE of each
+    out = {}
+    for n in ns:
+        out[f'best_of_{n}'] = per[:, :n].min(1).values
+        out[f'mean_of_{n}'] = (s[:, :n].mean(1) - g[:, 0]).norm(dim=-1).mean(-1) * 1000.
+    out['spread'] = (s - s.mean(1, keepdim=True)).norm(dim=-1).pow(2).mean(1).sqrt().mean(-1) * 1000.   # (B,)
+    return out
+
+def hypothesis_summary(samples: Tensor, # (B,N,J,3) hypotheses per frame, metres
+                       gt: Tensor, # (B,J,3) true joints, metres
+                       pred: Tensor | None = None, # (B,J,3) the deterministic head's joints on the same frames, metres
+                       ns: tuple = (1, 5, 16), # hypothesis counts measured
+                      ) -> dict[str, float]: # mm, over the frames; spread_spearman unitless
+    "Means over the frames of `hypothesis_errors`, the deterministic head's rr-MPJPE beside them, spread vs error."
+    from scipy.stats import spearmanr
+    e = hypothesis_errors(samples, gt, ns)
+    r = {f'{k}_rr_mpjpe': float(v.mean()) for k, v in e.items() if k != 'spread'}
+    r['spread_mm'] = float(e['spread'].mean())
+    if pred is not None: r['deterministic_rr_mpjpe'] = float(joint_errors(pred, gt, 'root').mean())
+    err, sp = e[f'mean_of_{max(ns)}'], e['spread']
+    r['spread_spearman'] = (float(spearmanr(sp.numpy(), err.numpy()).statistic)
+                            if len(sp) > 1 and sp.std() > 0 and err.std() > 0 else float('nan'))
+    r['n_frames'] = len(sp)
+    return r
 
 # %% ../nbs/05_metrics.ipynb #c4892cc2
 def dexycb_hand_eval(pred_mm: Tensor, # (N,21,3) predicted joints, camera frame, mm

@@ -23,13 +23,16 @@ from .learner.checkpoint import (load_checkpoint, require_checkpoint, checkpoint
 from .learner.guards import guard_summary
 from .learner.runs import run_dir_name, weights_file, merge_component_weights, component_prefixes, load_model
 from .learner.train import train, run_training, NothingToTrain
+from .learner.generative import (train_pose_head, pose_weights_file, load_pose_head, pose_hypothesis_measures,
+                                        hypothesis_table)
+from .runtime import resolve_device
 from .stages import *
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'SUMMARY_COLUMNS', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals', 'experiments_dir',
            'kernel_options', 'run_notebook', 'summary_table', 'learned_verdict', 'debugging_note', 'run_pipeline',
-           'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights', 'run_stage', 'train_command',
-           'notebook_parameters', 'run_notebook_command', 'pipeline_command']
+           'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights', 'evaluate_pose_head', 'run_stage',
+           'train_command', 'notebook_parameters', 'run_notebook_command', 'pipeline_command']
 
 # %% ../nbs/10a_pipeline.ipynb #f2ab86aa
 EXPERIMENTS = {'stage1': 'stage1_pretrain.ipynb', 'stage2': 'stage2_joint.ipynb',
@@ -237,7 +240,8 @@ def run_pipeline(
                    commit=git_commit(PACKAGE_DIR), overrides=list(overrides), stages={})
     for st in stages:
         f = run_dir/st/'summary.json'
-        if resume and st != 'debugging' and f.exists():
+        gen_due = st == 'stage3' and cfg.stages.generative_epochs and not (run_dir/'generative'/'summary.json').exists()
+        if resume and st != 'debugging' and f.exists() and not gen_due:   # stage 3's notebook also runs stage 4
             print(f'[pipeline] {st}: finished earlier, kept ({f})', flush=True)
             summary['stages'][st] = json.loads(f.read_text()); continue
         params = dict(
@@ -264,11 +268,15 @@ def run_pipeline(
         if not f.exists(): raise RuntimeError(f'{st} finished without writing {f}')
         summary['stages'][st] = json.loads(f.read_text())
     summary['minutes'] = (time.time() - t0) / 60
+    g = run_dir/STAGE_NAMES[4]/'summary.json'
+    if 'stage3' in stages and cfg.stages.generative_epochs and g.exists():
+        summary['generative'] = json.loads(g.read_text())
     if 'stage3' in summary['stages']:
         summary['final'] = summary['stages']['stage3']
         summary['learned'] = learned_verdict(summary['final'])
     (run_dir/'summary.json').write_text(json.dumps(summary, indent=2))
     print(summary_table(summary['stages']), flush=True)
+    if 'generative' in summary: print(hypothesis_table(summary['generative']), flush=True)
     if 'learned' in summary:
         print(f"[pipeline] learned: {summary['learned']}  ({summary['minutes']:.1f} min)", flush=True)
     print(f"[pipeline] summary: {run_dir/'summary.json'}", flush=True)
@@ -355,7 +363,7 @@ def _stage1_files(init_from, cfg: DictConfig, preset: str = 'smoke') -> dict:
 
 def _stage_start(stage: int, cfg: DictConfig, preset: str, run_dir: Path, init_from) -> Any:
     "What a stage starts from, checked first: 1: a checkpoint or None; 2: stage-1 files ({}: scratch); 3: a checkpoint."
-    if stage not in STAGE_NAMES: raise ValueError(f'stage must be 1, 2 or 3, got {stage!r}')
+    if stage not in STAGE_NAMES: raise ValueError(f'stage must be 1, 2, 3 or 4, got {stage!r}')
     if init_from is not None and str(init_from) != 'scratch' and not Path(init_from).exists():
         raise FileNotFoundError(f'init_from={str(init_from)!r} does not exist (stage {stage} of {run_dir})')
     if stage == 1:
@@ -367,6 +375,13 @@ def _stage_start(stage: int, cfg: DictConfig, preset: str, run_dir: Path, init_f
         if str(init_from) == 'scratch': return {}
         return _stage1_files(run_dir/STAGE_NAMES[1] if init_from is None else init_from, cfg, preset)
     if init_from is not None and str(init_from) != 'scratch': return Path(init_from)
+    if stage == 4:   # the frozen AMT: stage 3's weights file (its best checkpoint's EMA weights)
+        f = run_dir/STAGE_NAMES[3]/'final_weights.pt'
+        if not f.exists():
+            raise FileNotFoundError(f"stage 4 trains the pose head on stage 3's {f}, not found. "
+                                    f"{_make_stage(3, preset, run_dir)}; "
+                                    'or set init_from (--init-from) to a weights file')
+        return f
     try: return _final_checkpoint(run_dir/STAGE_NAMES[2])
     except FileNotFoundError:
         raise FileNotFoundError(
@@ -408,7 +423,16 @@ def evaluate_weights(cfg: DictConfig, # the stage's config (its model and valida
     s['guards'] = _guards_near(Path(weights))
     return s
 
-def run_stage(stage: int, # 1, 2 or 3
+def evaluate_pose_head(cfg: DictConfig, # stage 4's config (its model, generative section and validation data)
+                       weights: str | os.PathLike, # a weights file with a pose head (`pose_weights_file`)
+                      ) -> dict:
+    "Stage 4's measures of a weights file on the validation data: `pose_hypothesis_measures` (mm, ms)."
+    model, _, _ = load_model(weights, cfg)
+    dev = resolve_device(cfg.training.device)
+    val_loader = build_dataloaders(cfg)[1] if cfg.data.cache else build_eval_loader(cfg, cfg.data.val_split)[1]
+    return pose_hypothesis_measures(model.to(dev), load_pose_head(weights).to(dev), val_loader, cfg, dev)
+
+def run_stage(stage: int, # 1, 2, 3 or 4 (the pose-hypothesis head, `stages.generative_epochs` >= 1)
               preset: str = 'smoke', # preset name or YAML path
               overrides: Sequence[str] = (), # dotted overrides
               run_dir: str | os.PathLike = 'runs/pipeline', # the pipeline folder; this stage writes <run_dir>/stage<N>/
@@ -462,11 +486,20 @@ def run_stage(stage: int, # 1, 2 or 3
             init = merge_component_weights(start, sdir/'init.pt', component_prefixes(build_model(base)))
         cfg, ck = _train(stage_config(base, 2), sdir, init, max_minutes)
         final = weights_file(ck, sdir/'final_weights.pt')
-    else:
+    elif stage == 3:
         print(f'[stage 3] starting from {start}', flush=True)
         init = weights_file(start, sdir/'init.pt')
         cfg, ck = _train(stage_config(base, 3), sdir, init, max_minutes)
         final = weights_file(ck, sdir/'final_weights.pt')
+    else:   # the pose-hypothesis head on the frozen AMT of `start`
+        cfg = apply_overrides(stage_config(base, 4), _limits(max_steps, max_minutes, headless), 'stage 4')
+        rd = train_pose_head(cfg, sdir, start, resume=resume)
+        steps = int(load_checkpoint(rd/'checkpoints'/'last.pt').get('step', 0))
+        final = pose_weights_file(_final_checkpoint(rd), sdir/'final_weights.pt')
+        summary = dict(stage=4, steps=steps, minutes=(time.time() - t0) / 60, weights=str(final),
+                       amt_weights=str(start), **evaluate_pose_head(cfg, final))
+        (sdir/'summary.json').write_text(json.dumps(summary, indent=2))
+        return summary
     summary = dict(stage=stage, steps=steps, minutes=(time.time() - t0) / 60, weights=str(final),
                    **evaluate_weights(cfg, final))
     (sdir/'summary.json').write_text(json.dumps(summary, indent=2))
@@ -478,7 +511,7 @@ def _parse_params(pairs: Sequence[Sequence[str]]) -> dict:
     "papermill-style `-p name value` pairs, values parsed as YAML scalars."
     return {k: yaml.safe_load(v) for k, v in pairs}
 
-def train_command(stage: int | None = None, # 1, 2 or 3: one stage of the recipe; None: plain training (`run_training`)
+def train_command(stage: int | None = None, # 1, 2, 3 or 4 (pose head): a stage of the recipe; None: plain training
                   preset: str | None = None, # preset name or YAML path (a stage: default smoke; resume: its own)
                   overrides: Sequence[str] = (), # dotted key=value overrides
                   run_dir: str | os.PathLike | None = None, # the run's folder (a stage: the pipeline folder)
@@ -504,8 +537,8 @@ def train_command(stage: int | None = None, # 1, 2 or 3: one stage of the recipe
                           'it continues the stage in --run-dir')
     if resume and not run_dir:
         raise ConfigError('--resume needs --run-dir: the pipeline folder holding the interrupted stage')
-    if stage in (2, 3) and init_from is None and not run_dir:   # with --run-dir: the previous stage in it
-        prev = 'stage 1 folder' if stage == 2 else 'stage 2 best.pt'
+    if stage in (2, 3, 4) and init_from is None and not run_dir:   # with --run-dir: the previous stage in it
+        prev = {2: 'stage 1 folder', 3: 'stage 2 best.pt', 4: 'stage 3 final_weights.pt'}[stage]
         raise ConfigError(f"--stage {stage} needs --init-from ({prev}) "
                           f"or the --run-dir of a pipeline folder holding stage {stage - 1}")
     preset, overrides = preset or 'smoke', [*overrides, *['logging.verbose=true'] * verbose]
@@ -516,7 +549,7 @@ def train_command(stage: int | None = None, # 1, 2 or 3: one stage of the recipe
     run_dir = Path(run_dir or run_dir_name(cfg.name, 'pipeline'))
     s = run_stage(stage, preset, overrides, run_dir, init_from, max_steps, max_minutes,
                   headless=not sys.stdout.isatty(), resume=bool(resume), cfg=cfg)
-    print(summary_table({STAGE_NAMES[stage]: s}))
+    print(hypothesis_table(s) if stage == 4 else summary_table({STAGE_NAMES[stage]: s}))
     print(f'every number (per joint, per object, the guards): {run_dir.absolute()/STAGE_NAMES[stage]/"summary.json"}')
     return 0
 

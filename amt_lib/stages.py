@@ -23,7 +23,7 @@ STAGE1_TERMS = {
     'object_encoder': ('object_position', 'object_rotation', 'object_class', 'kl'),
     'contact_encoder': ('contact', 'contact_point', 'kl'),
 }
-STAGE_NAMES = {1: 'stage1', 2: 'stage2', 3: 'stage3'}
+STAGE_NAMES = {1: 'stage1', 2: 'stage2', 3: 'stage3', 4: 'generative'}   # 4: the pose-hypothesis head (optional)
 
 def _fmt(v) -> str:
     "A value as a dotted-override literal (mappings as YAML flow with plain keys: `{physics: {20: 0.0}}`)."
@@ -101,7 +101,15 @@ def stage_overrides(cfg: DictConfig, # the run's config (preset + user overrides
                 f'loss.weights.diversity={s.stage3_diversity}', f'loss.weights.physics={s.stage3_physics}',
                 'loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0',
                 f'training.hard_mining={_fmt(bool(s.stage3_hard_mining))}']
-    raise ValueError(f'stage must be 1, 2 or 3, got {stage!r}')
+    if stage == 4:   # only the pose-hypothesis head trains (amt_lib.learner.generative); the AMT is frozen
+        if s.generative_epochs < 1:
+            raise ConfigError(f'stages.generative_epochs={s.generative_epochs}: stage 4 (the pose-hypothesis head) '
+                              'is off; set it to >= 1 to train the head')
+        return ['training.stage=4', f'training.epochs={s.generative_epochs}',
+                f'training.freeze={_fmt(list(COMPONENTS))}',
+                f'training.lr={cfg.generative.pose.lr}', 'training.monitor=loss', 'training.ema_decay=0.0',
+                'training.hard_mining=false', 'loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0']
+    raise ValueError(f'stage must be 1, 2, 3 or 4, got {stage!r}')
 
 def stage_config(cfg: DictConfig, # the run's config (preset + user overrides), loaded once
                  stage: int = 2, # 1, 2 or 3
@@ -115,9 +123,11 @@ def stage_config(cfg: DictConfig, # the run's config (preset + user overrides), 
 RECIPE_SOURCES = {
     'training.epochs': {1: 'stages.stage1_epochs (per component: stages.stage1_component_epochs)',
                         2: 'stages.stage2_epochs',
-                        3: 'stages.stage3_epochs'},
+                        3: 'stages.stage3_epochs',
+                        4: 'stages.generative_epochs'},
     'training.freeze': {1: 'stages.stage1_train_backbone (the other components are frozen by the recipe)'},
-    'training.lr': {3: 'stages.stage3_lr_mult (stage 3 trains at training.lr x stages.stage3_lr_mult)'},
+    'training.lr': {3: 'stages.stage3_lr_mult (stage 3 trains at training.lr x stages.stage3_lr_mult)',
+                    4: 'generative.pose.lr'},
     'training.hard_mining': {3: 'stages.stage3_hard_mining'},
     'loss.weights.diversity': {2: 'stages.stage2_diversity', 3: 'stages.stage3_diversity'},
     'loss.weights.physics': {2: 'stages.stage2_physics_ramp', 3: 'stages.stage3_physics'},

@@ -75,3 +75,88 @@ def test_dit_learns_bimodal(backend):
     for proc in samplers:
         check(measure(fresh, proc), measure(model, proc))
     assert time.time() - t0 < 60
+
+
+# --- stage 4: the pose-hypothesis head trained in the pipeline on a frozen AMT, its measures, amt predict --samples ---
+import contextlib, io, json
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from amt_lib.config import load_config, config_to_yaml
+from amt_lib.learner.checkpoint import save_checkpoint, load_checkpoint
+from amt_lib.learner.generative import load_pose_head, HYPOTHESIS_COUNTS
+from amt_lib.models.amt import build_model
+from amt_lib.models.generative import ODE_SOLVERS, DIFFUSION_SCHEDULERS
+from amt_lib.pipeline import run_stage
+from amt_lib.cli import main
+
+
+def stage3_weights(run: Path) -> Path:
+    "A smoke AMT weights file where stage 3 leaves it (<run>/stage3/final_weights.pt)."
+    cfg = load_config('smoke')
+    torch.manual_seed(0)
+    m = build_model(cfg, pretrained=False)
+    return save_checkpoint(dict(model=m.state_dict(), config=config_to_yaml(cfg), commit='test', step=0),
+                           run/'stage3'/'final_weights.pt')
+
+
+@pytest.fixture(scope='module', params=['flow_matching', 'diffusion'])
+def stage4(request, tmp_path_factory):
+    "Stage 4 of the smoke preset (its recipe: 1 epoch of 4 steps) after a stage 3, with each back end."
+    torch.set_num_threads(2)
+    run = tmp_path_factory.mktemp(request.param)/'pipe'
+    amt = stage3_weights(run)
+    t0 = time.time()
+    s = run_stage(4, 'smoke', [f'generative.backend={request.param}'], run, headless=True)
+    return run, amt, s, time.time() - t0
+
+
+def test_stage4_trains_the_head_alone_and_writes_its_measures(stage4):
+    run, amt, s, seconds = stage4
+    g = run/'generative'
+    for f in ('summary.json', 'final_weights.pt', 'metrics.csv', 'config.yaml', 'checkpoints/best.pt',
+              'checkpoints/last.pt'):
+        assert (g/f).exists(), f
+    assert json.loads((g/'summary.json').read_text()) == s and s['stage'] == 4 and s['steps'] == 4
+    for n in HYPOTHESIS_COUNTS:
+        for k in (f'best_of_{n}_rr_mpjpe', f'mean_of_{n}_rr_mpjpe'): assert 0 < s[k] < 1e4, (k, s[k])
+    assert s['best_of_16_rr_mpjpe'] <= s['best_of_5_rr_mpjpe'] <= s['best_of_1_rr_mpjpe']
+    assert s['deterministic_rr_mpjpe'] > 0 and 0 < s['n_frames'] <= 8 and -1 <= s['spread_spearman'] <= 1
+    names = ODE_SOLVERS if s['backend'] == 'flow_matching' else DIFFUSION_SCHEDULERS
+    assert [t['solver'] for t in s['sampling']] == list(names)
+    assert all(t['ms_per_image'] > 0 and t['evaluations'] > 0 and t['finite'] for t in s['sampling'])
+    # the AMT is frozen: its weights in the stage-4 file are stage 3's, bit for bit; the head trained (lr > 0)
+    a, w = load_checkpoint(amt)['model'], load_checkpoint(g/'final_weights.pt')
+    assert w['model'].keys() == a.keys() and all(torch.equal(w['model'][k], a[k]) for k in a)
+    stepped = load_checkpoint(g/'checkpoints'/'last.pt')['optimizer']['state']
+    assert stepped and load_pose_head(g/'final_weights.pt').process.backend == s['backend']
+    assert seconds < 60, seconds
+
+
+def test_stage4_resume_keeps_a_finished_run(stage4, capsys):
+    run, _, s, _ = stage4
+    again = run_stage(4, 'smoke', [f"generative.backend={s['backend']}"], run, headless=True, resume=True)
+    assert 'finished, kept' in capsys.readouterr().out and again['steps'] == s['steps']
+    assert again['best_of_16_rr_mpjpe'] == s['best_of_16_rr_mpjpe']       # same weights, same noise: same numbers
+
+
+def run_cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_predict_samples_writes_the_hypotheses(stage4, tmp_path):
+    run, amt, s, _ = stage4
+    Image.fromarray((np.random.default_rng(0).random((240, 320, 3)) * 255).astype(np.uint8)).save(tmp_path/'a.png')
+    ck = run/'generative'/'final_weights.pt'
+    rc, out, err = run_cli(['predict', str(tmp_path/'a.png'), '--ckpt', str(ck), '--device', 'cpu', '--samples', '16',
+                            '--out', str(tmp_path/'o')])
+    assert rc == 0, err
+    r = json.loads((tmp_path/'o'/'a.json').read_text())
+    h = np.array(r['hand']['hypotheses_mm'])
+    assert h.shape == (16, 21, 3) and np.isfinite(h).all() and '16 hand hypotheses' in out
+    assert h.std(0).mean() > 0                                               # 16 different hands, not one copied
+    rc, _, err = run_cli(['predict', str(tmp_path/'a.png'), '--ckpt', str(amt), '--device', 'cpu', '--samples', '4',
+                          '--out', str(tmp_path/'p')])
+    assert rc != 0 and 'no trained pose head' in err and 'generative/final_weights.pt' in err

@@ -54,6 +54,8 @@ def test_summary_json(pipeline_run):
         assert st['steps'] > 0 and st['mean_pose_rr_mpjpe'] > 0
     assert {'beats_half_baseline', 'no_collapse'} <= set(s['learned'])
     assert 'val rr-MPJPE' in r.stdout          # the table is printed
+    g = s['generative']                        # stage 4 (smoke: stages.generative_epochs = 1), run by stage 3's notebook
+    assert g['stage'] == 4 and g['steps'] == 3 and g['best_of_16_rr_mpjpe'] > 0 and 'best-of-N' in r.stdout
 
 def test_headless_logs_one_line_per_interval(pipeline_run):
     _, r = pipeline_run

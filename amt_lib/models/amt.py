@@ -64,7 +64,8 @@ class AMT(nn.Module):
             pred_mano_trans=hand['trans'], pred_hand_verts=hand['verts'],
             pred_obj_pos_coarse=obj['pos'], pred_obj_pos=obj_pos, pred_obj_pos_steps=os_,
             pred_obj_rot=obj['rot'], pred_obj_logits=obj['logits'],
-            pred_contact_points=con['points'], pred_contact_logits=con['logits'], pred_contact_prob=con['prob'])
+            pred_contact_points=con['points'], pred_contact_logits=con['logits'], pred_contact_prob=con['prob'],
+            hand_context=hand['feat'])
 
 # %% ../../nbs/07g_models.amt.ipynb #944ec8ed
 def build_model(cfg, # a config from `load_config` (uses `model` and `data.image_size`)
