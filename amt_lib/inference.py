@@ -16,7 +16,7 @@ from .geometry import hand_crop_box
 from .runtime import resolve_device
 from .data.loaders import build_eval_loader
 from .learner.checkpoint import CheckpointError
-from .learner.runs import load_model
+from .learner.runs import load_model, load_pose_head
 from .metrics import Evaluator
 from .tables import HAND_BONES, YCB_CLASSES
 
@@ -405,7 +405,6 @@ def predict_command(images: Sequence[str | os.PathLike], # image files (any size
     except ValueError as e: raise ConfigError(str(e)) from None
     head = None
     if samples:   # a checkpoint without a trained pose head: CheckpointError saying how to get one
-        from amt_lib.learner.generative import load_pose_head
         head = load_pose_head(ckpt)
     pred = Predictor.from_checkpoint(ckpt, device, use_ema=ema, compile=compile, purpose='predict')
     recs = predict_photos(pred, images, out, K, box, hints, errors=errors,

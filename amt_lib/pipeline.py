@@ -22,9 +22,9 @@ from .learner.checkpoint import (load_checkpoint, require_checkpoint, checkpoint
                                         DiskBudgetError)
 from .learner.guards import guard_summary
 from .learner.runs import run_dir_name, weights_file, merge_component_weights, component_prefixes, load_model
+from .learner.runs import pose_weights_file, load_pose_head
 from .learner.train import train, run_training, NothingToTrain
-from .learner.generative import (train_pose_head, pose_weights_file, load_pose_head, pose_hypothesis_measures,
-                                        hypothesis_table)
+from .learner.generative import train_pose_head, pose_hypothesis_measures, hypothesis_table
 from .runtime import resolve_device
 from .stages import *
 

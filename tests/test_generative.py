@@ -84,7 +84,8 @@ import numpy as np
 from PIL import Image
 from amt_lib.config import load_config, config_to_yaml
 from amt_lib.learner.checkpoint import save_checkpoint, load_checkpoint
-from amt_lib.learner.generative import load_pose_head, HYPOTHESIS_COUNTS
+from amt_lib.learner.generative import HYPOTHESIS_COUNTS
+from amt_lib.learner.runs import load_pose_head
 from amt_lib.models.amt import build_model
 from amt_lib.models.generative import ODE_SOLVERS, DIFFUSION_SCHEDULERS
 from amt_lib.pipeline import run_stage

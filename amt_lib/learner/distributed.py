@@ -81,6 +81,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, steps: int, bs: int, n: i
         learn = synth_learner(n=n, bs=bs, dropout=0., rank=rank, world_size=world_size, cbs=[DDPCB()])
         learn.fit(100, cbs=[StopCB(max_steps=steps, handle_signals=False)])
         torch.save(learn.raw_model.state_dict(), Path(out)/f'rank{rank}.pt')
+        dist.barrier()   # every rank done before any tears the group down (gloo aborts a peer still talking to it)
     finally: cleanup_distributed()
 
 def ddp_check(world_size: int = 2, # processes to spawn (CPU, gloo)

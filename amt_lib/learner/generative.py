@@ -4,16 +4,17 @@
 
 # %% ../../nbs/09j_learner.generative.ipynb #65163c81
 from __future__ import annotations
-import math, os, sys, time
+import os, time
 from pathlib import Path
 from typing import Iterable
 import torch
 from torch import nn, Tensor
 from omegaconf import OmegaConf, DictConfig
-from ..config import config_to_yaml, config_from_yaml, git_commit, PACKAGE_DIR, ConfigError
+from ..config import config_to_yaml, git_commit, PACKAGE_DIR
 from ..runtime import resolve_device, resolve_precision
 from ..metrics import root_relative, hypothesis_summary
-from ..models.generative import PoseHypothesisHead, build_pose_head, make_process, ODE_SOLVERS, DIFFUSION_SCHEDULERS
+from ..models.generative import (PoseHypothesisHead, build_pose_head, make_process, ODE_SOLVERS,
+                                       DIFFUSION_SCHEDULERS)
 from ..data.loaders import build_dataloaders
 from .core import Learner, Callback, seed_everything
 from .callbacks import *
@@ -26,8 +27,7 @@ from .train import (ResumableLoader, optimiser_steps, total_steps, scheduler_per
 
 # %% auto #0
 __all__ = ['HYPOTHESIS_COUNTS', 'PoseHeadModel', 'pose_head_predict', 'pose_head_objective', 'PoseHeadLearner',
-           'build_pose_learner', 'train_pose_head', 'pose_weights_file', 'load_pose_head', 'pose_hypothesis_measures',
-           'hypothesis_table']
+           'build_pose_learner', 'train_pose_head', 'pose_hypothesis_measures', 'hypothesis_table']
 
 # %% ../../nbs/09j_learner.generative.ipynb #a5c68592
 class PoseHeadModel(nn.Module):
@@ -161,38 +161,6 @@ def train_pose_head(cfg: DictConfig, # the stage's config (`stage_config(cfg, 4)
     if (stop := learn.cb(StopCB)) is not None and stop.signal:
         raise TrainingStopped(f'{learn.stop_reason} at step {learn.step_count}; saved {last}; continue with resume')
     return run_dir
-
-# %% ../../nbs/09j_learner.generative.ipynb #703aad7c
-def pose_weights_file(ckpt_path: str | os.PathLike, # a stage-4 checkpoint (…/generative/checkpoints/best.pt)
-                      out: str | os.PathLike, # the weights file to write
-                     ) -> Path:
-    "Write a weights file of the AMT (`model`) and its trained pose head (`pose_head`) from a stage-4 checkpoint."
-    ck = require_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
-    sd = ck['model']
-    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-    amt, head = part('amt.'), part('head.')
-    if not head or len(amt) + len(head) != len(sd):
-        raise CheckpointError(f'{ckpt_path} is not a stage-4 checkpoint '
-                              '(a frozen AMT under amt.*, the head under head.*)')
-    return save_checkpoint(dict(model=amt, pose_head=head, config=ck['config'], commit=ck.get('commit', 'unknown'),
-                                model_args=ck.get('model_args'), step=int(ck.get('step', 0)), trained=['pose_head'],
-                                source=str(ckpt_path)), out)
-
-def load_pose_head(path: str | os.PathLike, # a weights file with a trained pose head (`pose_weights_file`)
-                  ) -> PoseHypothesisHead: # in eval mode, on the CPU
-    "The trained pose-hypothesis head of a weights file, built from its config and loaded strictly."
-    ck = require_checkpoint(load_checkpoint(path), f'checkpoint {path}')
-    if 'pose_head' not in ck:
-        raise CheckpointError(
-            f'checkpoint {path} has no trained pose head: train one with stage 4 (stages.generative_epochs >= 1) and '
-            f'give its weights file, <run_dir>/generative/final_weights.pt')
-    cfg = config_from_yaml(ck['config'])
-    head = build_pose_head(cfg, int(cfg.model.hidden_dim))
-    try: head.load_state_dict(ck['pose_head'], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f'checkpoint {path}: its pose head does not fit generative.pose of its config: {e}') from None
-    return head.eval()
 
 # %% ../../nbs/09j_learner.generative.ipynb #5e3829e7
 HYPOTHESIS_COUNTS = (1, 5, 16)   # N of the best-of-N / mean-of-N measures (the issue's)

@@ -13,13 +13,14 @@ from omegaconf import DictConfig
 from ..config import (load_config, apply_overrides, config_from_yaml, config_to_yaml, validate_config, git_commit,
                             PACKAGE_DIR, ConfigError)
 from ..models.amt import build_model
+from ..models.generative import PoseHypothesisHead, build_pose_head
 from .checkpoint import (load_checkpoint, save_checkpoint, require_checkpoint, check_checkpoint_config,
                                         check_checkpoint_mano, load_model_state, CheckpointError)
 
 # %% auto #0
 __all__ = ['RUN_OUTPUTS', 'run_dir_name', 'default_run_dir', 'save_run_config', 'prepare_run_dir', 'resume_config',
            'ema_state_dict', 'component_prefixes', 'load_component_weights', 'weights_file', 'merge_component_weights',
-           'load_model', 'load_init_weights']
+           'load_model', 'load_init_weights', 'pose_weights_file', 'load_pose_head']
 
 # %% ../../nbs/09g_learner.runs.ipynb #a87e8ecc
 def run_dir_name(*parts: str, # name parts joined by '-': the preset name, then e.g. 'pipeline'
@@ -209,3 +210,35 @@ def load_init_weights(model: nn.Module, # the new run's model, weights loaded in
         check_checkpoint_mano(ck, cfg, p)
         load_model_state(model, ck['model'], p)
     return model
+
+# %% ../../nbs/09g_learner.runs.ipynb #703aad7c
+def pose_weights_file(ckpt_path: str | os.PathLike, # a stage-4 checkpoint (…/generative/checkpoints/best.pt)
+                      out: str | os.PathLike, # the weights file to write
+                     ) -> Path:
+    "Write a weights file of the AMT (`model`) and its trained pose head (`pose_head`) from a stage-4 checkpoint."
+    ck = require_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+    sd = ck['model']
+    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    amt, head = part('amt.'), part('head.')
+    if not head or len(amt) + len(head) != len(sd):
+        raise CheckpointError(f'{ckpt_path} is not a stage-4 checkpoint '
+                              '(a frozen AMT under amt.*, the head under head.*)')
+    return save_checkpoint(dict(model=amt, pose_head=head, config=ck['config'], commit=ck.get('commit', 'unknown'),
+                                model_args=ck.get('model_args'), step=int(ck.get('step', 0)), trained=['pose_head'],
+                                source=str(ckpt_path)), out)
+
+def load_pose_head(path: str | os.PathLike, # a weights file with a trained pose head (`pose_weights_file`)
+                  ) -> PoseHypothesisHead: # in eval mode, on the CPU
+    "The trained pose-hypothesis head of a weights file, built from its config and loaded strictly."
+    ck = require_checkpoint(load_checkpoint(path), f'checkpoint {path}')
+    if 'pose_head' not in ck:
+        raise CheckpointError(
+            f'checkpoint {path} has no trained pose head: train one with stage 4 (stages.generative_epochs >= 1) and '
+            f'give its weights file, <run_dir>/generative/final_weights.pt')
+    cfg = config_from_yaml(ck['config'])
+    head = build_pose_head(cfg, int(cfg.model.hidden_dim))
+    try: head.load_state_dict(ck['pose_head'], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f'checkpoint {path}: its pose head does not fit generative.pose of its config: {e}') from None
+    return head.eval()
