@@ -182,8 +182,9 @@ def train(overrides: list[str] = (), # dotted key=value overrides, e.g. training
          ) -> int:
     "Train the model: a whole run (one process, or each process of torchrun), or one stage of the recipe (--stage N)."
     from amt_lib.pipeline import train_command
-    return train_command(stage, preset, overrides, run_dir, resume, overwrite, init_from, max_steps, max_minutes,
-                         verbose)
+    return train_command(stage=stage, preset=preset, overrides=overrides, run_dir=run_dir, resume=resume,
+                         overwrite=overwrite, init_from=init_from, max_steps=max_steps, max_minutes=max_minutes,
+                         verbose=verbose)
 
 # %% ../nbs/90_cli.ipynb #1ffcbacd
 @command
@@ -199,7 +200,8 @@ def sweep(overrides: list[str] = (), # key=value overrides for every trial
          ) -> int:
     "Grid or random search over config values, run offline into a results table; or write a W&B sweep config."
     from amt_lib.learner.sweep import sweep_command
-    return sweep_command(preset, param, overrides, method, trials, sweep_dir, metric, seed, wandb_config)
+    return sweep_command(preset=preset, params=param, overrides=overrides, method=method, trials=trials,
+                         sweep_dir=sweep_dir, metric=metric, seed=seed, wandb_config=wandb_config)
 
 # %% ../nbs/90_cli.ipynb #66cf54d4
 @command(flags={'parameter': ('-p', '--parameter'), 'verbose': ('-v', '--verbose')},
@@ -213,7 +215,8 @@ def run(notebook: str, # a notebook path or one of stage1, stage2, stage3, debug
        ) -> int:
     "Run one experiment notebook with papermill into <run_dir>/<stage>.ipynb."
     from amt_lib.pipeline import run_notebook_command
-    return run_notebook_command(notebook, overrides, parameter, preset, run_dir, verbose)
+    return run_notebook_command(notebook=notebook, overrides=overrides, parameters=parameter, preset=preset,
+                                run_dir=run_dir, verbose=verbose)
 
 @command
 def recipe(overrides: list[str] = (), # dotted key=value overrides (as for amt pipeline)
@@ -235,7 +238,8 @@ def pipeline(overrides: list[str] = (), # dotted key=value overrides for every s
             ) -> int:
     "Stage 1 -> 2 -> 3 -> debugging, each an experiment notebook run with papermill, then a summary table."
     from amt_lib.pipeline import pipeline_command
-    return pipeline_command(preset, overrides, run_dir, max_steps, max_minutes, stages, resume, verbose)
+    return pipeline_command(preset=preset, overrides=overrides, run_dir=run_dir, max_steps=max_steps,
+                            max_minutes=max_minutes, stages=stages, resume=resume, verbose=verbose)
 
 # %% ../nbs/90_cli.ipynb #7a64a48f
 @command
@@ -254,8 +258,9 @@ def eval_(overrides: list[str] = (), # dotted config overrides for the data (e.g
          ) -> int:
     "Evaluate a checkpoint on a whole split: metrics table, metrics JSON, official-format hand results file."
     from amt_lib.inference import eval_command
-    return eval_command(ckpt, overrides, data, setup, split, root, batch_size, out, device, not no_ema, max_batches,
-                        not no_progress)
+    return eval_command(ckpt=ckpt, overrides=overrides, data=data, setup=setup, split=split, root=root,
+                        batch_size=batch_size, out=out, device=device, ema=not no_ema, max_batches=max_batches,
+                        progress=not no_progress)
 
 @command
 def eval_results(results: str, # official-format results file: index + 63 values in mm a line
@@ -266,7 +271,7 @@ def eval_results(results: str, # official-format results file: index + 63 values
                 ) -> int:
     "Evaluate an official-format DexYCB hand results file like the official hand evaluator."
     from amt_lib.data.dexycb import eval_results_command
-    eval_results_command(results, root, setup, split, json)
+    eval_results_command(results=results, root=root, setup=setup, split=split, json_path=json)
 
 @command(flags={'K': ('--K',)})
 def predict(images: list[str], # image files (any size; cropped to the model input; EXIF orientation applied)
@@ -282,7 +287,8 @@ def predict(images: list[str], # image files (any size; cropped to the model inp
            ) -> int:
     "Predict hand joints, objects and contacts for photos: <name>.json and <name>_overlay.png each; 2 if one failed."
     from amt_lib.inference import predict_command
-    return predict_command(images, ckpt, K, hand_box, hints, out, device, not no_ema, compile, samples)
+    return predict_command(images=images, ckpt=ckpt, K=K, hand_box=hand_box, hints=hints, out=out, device=device,
+                           ema=not no_ema, compile=compile, samples=samples)
 
 @command
 def export(format: Literal['onnx', 'torchscript'], # the output format
@@ -297,7 +303,8 @@ def export(format: Literal['onnx', 'torchscript'], # the output format
           ) -> int:
     "Export a checkpoint (EMA weights, fp32, CPU) to ONNX, checked with onnxruntime, or to TorchScript."
     from amt_lib.export import export_command
-    return export_command(format, ckpt, out, batch, opset, exporter, not no_ema, not no_check, tolerance)
+    return export_command(format=format, ckpt=ckpt, out=out, batch=batch, opset=opset, exporter=exporter,
+                          ema=not no_ema, check=not no_check, tolerance=tolerance)
 
 # %% ../nbs/90_cli.ipynb #264b2094
 @command(flags={'only': ('--only', '--parts')})
@@ -318,8 +325,10 @@ def bench(overrides: list[str] = (), # dotted config overrides
          ) -> int:
     "Measure training and inference speed, FLOPs, data throughput and memory, each beside its baseline; print, JSON."
     from amt_lib.bench import bench_command
-    bench_command(preset, overrides, only, json, train_batch, infer_batch, steps, iters, compile_timeout, device,
-                  plain_steps, plain_batch, overhead_steps, overhead_stage)
+    bench_command(preset=preset, overrides=overrides, sections=only, json_path=json, train_batch=train_batch,
+                  infer_batch=infer_batch, steps=steps, iters=iters, compile_timeout_s=compile_timeout,
+                  device=device, plain_steps=plain_steps, plain_batch=plain_batch, overhead_steps=overhead_steps,
+                  overhead_stage=overhead_stage)
 
 @command(record=dict(metavar='FILE.md'))
 def gpu_check(*, out: str | None = None, # the JSON file (default: gpu-check-<date>.json)
@@ -334,7 +343,8 @@ def gpu_check(*, out: str | None = None, # the JSON file (default: gpu-check-<da
              ) -> int:
     "Acceptance check of one GPU (8 min on an H200): training, inference, cache, pipeline; one JSON + record rows."
     from amt_lib.bench import gpu_check_command
-    return gpu_check_command(out, device, small, parts, stages, run_dir, pipeline_preset, compile_backend, record)
+    return gpu_check_command(out=out, device=device, small=small, parts=parts, stages=stages, run_dir=run_dir,
+                             pipeline_preset=pipeline_preset, compile_backend=compile_backend, record=record)
 
 # %% ../nbs/90_cli.ipynb #27abd23e
 @command
@@ -345,7 +355,7 @@ def bench_synth(*, bench: bool = False, # accepted for the old `python -m amt_li
                ) -> int:
     "SynthHOI generation speed on one CPU thread (samples/s), printed and written as JSON."
     from amt_lib.bench import synth_bench_command
-    synth_bench_command(n, json, image_size)
+    synth_bench_command(n=n, json_path=json, image_size=image_size)
 
 @command
 def cache(*, bench: bool = False, # benchmark a DataLoader over DexYCB against the device cache
@@ -361,7 +371,8 @@ def cache(*, bench: bool = False, # benchmark a DataLoader over DexYCB against t
     "Device cache tools: --bench times a DataLoader over DexYCB against the device cache."
     if not bench: print(command_parser(cache).format_help()); return 2
     from amt_lib.bench import cache_bench_command
-    cache_bench_command(root, setup, split, batch_size, batches, num_workers, device, json)
+    cache_bench_command(root=root, setup=setup, split=split, batch_size=batch_size, batches=batches,
+                        num_workers=num_workers, device=device, json_path=json)
 
 # %% ../nbs/90_cli.ipynb #13d39f6e
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules:
