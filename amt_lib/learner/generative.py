@@ -22,7 +22,7 @@ from .checkpoint import *
 from .optim import param_groups, make_scheduler
 from .reporting import progress_mode
 from .runs import load_model, save_run_config, prepare_run_dir
-from .train import (ResumableLoader, optimiser_steps, total_steps, scheduler_period, close_callbacks,
+from .train import (run_callbacks, ResumableLoader, optimiser_steps, total_steps, scheduler_period, close_callbacks,
                     NonFiniteLossError, TrainingStopped)
 
 # %% auto #0
@@ -115,16 +115,8 @@ def build_pose_learner(cfg: DictConfig, # the stage's config (`stage_config(cfg,
     commit, cfg_yaml = git_commit(PACKAGE_DIR), config_to_yaml(cfg)
     model_args = OmegaConf.to_container(cfg.model, resolve=True)
     extra = lambda: {'config': cfg_yaml, 'commit': commit, 'model_args': model_args, 'amt_weights': str(weights)}
-    cbs += [EvalCB(tc.eval_every, None),
-            CheckpointCB(run_dir/'checkpoints', tc.checkpoint_every_epochs, 'loss', 'min', extra, tc.keep_checkpoints),
-            CSVLogCB(run_dir/'metrics.csv', resume_step)]
-    mode = progress_mode(lc.progress)
-    if mode == 'plain': cbs.append(PrintLogCB(n_total, val_keys=('loss', 'eval_seconds'), verbose=lc.verbose))
-    if mode == 'bar': cbs.append(ProgressCB(n_total, desc=f'{run_dir.parent.name}/{run_dir.name}'))
-    if lc.tensorboard:
-        cbs.append(TensorBoardCB(run_dir/'tb', purge_step=resume_step + 1 if resume_step is not None else None))
-    cbs.append(WandbCB(run_dir, lc.wandb_project, OmegaConf.to_container(cfg, resolve=True), online=bool(lc.wandb),
-                       name=f'{run_dir.parent.name}/{run_dir.name}', group=run_dir.parent.name))
+    cbs += run_callbacks(cfg, run_dir, n_total, resume_step, extra, None, 'loss', ('loss', 'eval_seconds'),
+                         (f'{run_dir.parent.name}/{run_dir.name}', run_dir.parent.name), plots=False)
     cbs += list(callbacks)
     for cb in cbs: cb.learn = learn
     learn.cbs = cbs

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, os, sys, time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 from omegaconf import OmegaConf, DictConfig, ListConfig
@@ -29,8 +29,9 @@ from ..data.loaders import build_dataloaders
 # %% auto #0
 __all__ = ['VAL_LOG_KEYS', 'RESUME_REFUSED', 'RESUME_LR_KEYS', 'shard_batch', 'ResumableLoader', 'NonFiniteLossError',
            'TrainingStopped', 'amt_predict', 'AMTObjective', 'optimiser_steps', 'total_steps', 'scheduler_period',
-           'RefineSwitchCB', 'HardMiningCB', 'AMTLearner', 'build_learner', 'check_resume', 'apply_resume_overrides',
-           'NothingToTrain', 'check_steps_left', 'close_callbacks', 'write_data_reports', 'train', 'run_training']
+           'RefineSwitchCB', 'HardMiningCB', 'run_callbacks', 'AMTLearner', 'build_learner', 'check_resume',
+           'apply_resume_overrides', 'NothingToTrain', 'check_steps_left', 'close_callbacks', 'write_data_reports',
+           'train', 'run_training']
 
 # %% ../../nbs/09h_learner.train.ipynb #999fe235
 def shard_batch(batch: Any, # a collated batch: tensors / lists (dim 0 = samples), dicts of them
@@ -212,6 +213,33 @@ class HardMiningCB(Callback):
     def state_dict(self): self.flush(); return self.schedule.mining_state()
     def load_state_dict(self, d): self.schedule.load_mining_state(d)
 
+# %% ../../nbs/09h_learner.train.ipynb #54c4852d
+def run_callbacks(cfg: DictConfig, # the run's config (training.*, logging.*)
+                  run_dir: Path, # the run's folder: checkpoints/, metrics.csv, tb/, wandb/, plots/
+                  n_total: int, # optimiser steps of the run (progress, ETA)
+                  resume_step: int | None, # the step a resumed run continues from (None: a new run)
+                  extra: Callable[[], dict], # entries every checkpoint carries besides the learner's state
+                  evaluator: Callable | None, # `EvalCB`'s evaluator factory (None: validation loss only)
+                  monitor: str, # the validation number `best.pt` is chosen by (lower is better)
+                  val_keys: Sequence[str], # the validation numbers the console line shows
+                  wandb: tuple[str, str | None], # (W&B run name, group)
+                  plots: bool = True, # redraw plots/training.png at every validation
+                 ) -> list[Callback]:
+    "The rank-0 callbacks of a run: validation, checkpoints, metrics.csv, console or bar, TensorBoard, W&B, plots."
+    tc, lc = cfg.training, cfg.logging
+    cbs = [EvalCB(tc.eval_every, evaluator),
+           CheckpointCB(run_dir/'checkpoints', tc.checkpoint_every_epochs, monitor, 'min', extra, tc.keep_checkpoints),
+           CSVLogCB(run_dir/'metrics.csv', resume_step)]
+    mode = progress_mode(lc.progress)   # bar mode: no log lines, the bar and its table
+    if mode == 'plain': cbs.append(PrintLogCB(n_total, val_keys=val_keys, verbose=lc.verbose))
+    if mode == 'bar': cbs.append(ProgressCB(n_total, desc=f'{run_dir.parent.name}/{run_dir.name}'))
+    if lc.tensorboard:
+        cbs.append(TensorBoardCB(run_dir/'tb', purge_step=resume_step + 1 if resume_step is not None else None))
+    cbs.append(WandbCB(run_dir, lc.wandb_project, OmegaConf.to_container(cfg, resolve=True), online=bool(lc.wandb),
+                       name=wandb[0], group=wandb[1]))
+    if plots: cbs.append(PlotCB(run_dir/'plots'))
+    return cbs
+
 # %% ../../nbs/09h_learner.train.ipynb #e94d6adb
 class AMTLearner(Learner):
     "The Learner of an AMT run: the generic loop, the AMT objective, and what the run's callbacks read, declared here."
@@ -315,24 +343,8 @@ def build_learner(cfg: DictConfig, # the run's config
         # the last good state, kept every good_state_every steps
         nonfinite.snapshot = lambda: learner_state(learn, **extra())
         nonfinite.good_path = run_dir/'checkpoints'/'last_good.pt'
-        mode = progress_mode(lc.progress)
-        cbs += [
-            EvalCB(tc.eval_every, Evaluator),
-            CheckpointCB(
-                run_dir / 'checkpoints', tc.checkpoint_every_epochs, tc.monitor, 'min', extra, tc.keep_checkpoints
-            ),
-            CSVLogCB(run_dir / 'metrics.csv', resume_step),
-        ]
-        # bar mode: no log lines, the bar and its table
-        if mode == 'plain': cbs.append(PrintLogCB(n_total, val_keys=VAL_LOG_KEYS, verbose=lc.verbose))
-        if mode == 'bar': cbs.append(ProgressCB(n_total, desc=f'{run_dir.parent.name}/{run_dir.name}'))
-        if lc.tensorboard:
-            cbs.append(TensorBoardCB(run_dir / 'tb', purge_step=resume_step + 1 if resume_step is not None else None))
-        # a pipeline's runs: <run>/<stage>/<component> in group <run>
-        name, group = wandb_names(run_dir, tc.stage)
-        cbs.append(WandbCB(run_dir, lc.wandb_project, OmegaConf.to_container(cfg, resolve=True), online=bool(lc.wandb),
-                           name=name, group=group))
-        if lc.plots: cbs.append(PlotCB(run_dir/'plots'))
+        cbs += run_callbacks(cfg, run_dir, n_total, resume_step, extra, Evaluator, tc.monitor, VAL_LOG_KEYS,
+                             wandb_names(run_dir, tc.stage), plots=bool(lc.plots))
     cbs += list(callbacks)
     for cb in cbs: cb.learn = learn
     learn.cbs = cbs
