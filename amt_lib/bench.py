@@ -1276,6 +1276,19 @@ def learner_overhead(cfg, # the run's config (`load_config`, or `amt_lib.stages.
     )
 
 # %% ../nbs/13_bench.ipynb #d1e0f8b5
+def _frozen_amt_row(r: dict, model: nn.Module, cfg, dev: torch.device) -> dict:
+    "A run that trains a head on the frozen AMT (stage 4, video): the AMT's forward passes; the head's FLOPs not counted."
+    fwd = flops_per_sample(model, _synthetic_batch(cfg, 2, dev))['forward_flops_per_sample']
+    t, steps = cfg.training, r['steps']
+    if r['stage'] == 'video' and cfg.temporal.cache_features:     # the AMT runs once over the cached clips' frames
+        frames = int(cfg.video.train_clips) * int(cfg.video.clip_len) if cfg.data.source == 'synth' else None
+    else: frames = None if steps is None else steps * int(t.batch_size) * int(t.accumulation)
+    return dict(run=r['name'], stage=r['stage'], component=r['component'], steps=steps, steps_exact=r['steps_exact'],
+                batch_size=int(t.batch_size), accumulation=int(t.accumulation), samples=frames, frozen=list(t.freeze),
+                train_flops_per_sample=fwd, forward_flops_per_sample=fwd, steps_without_refine=0,
+                train_flops_per_sample_without_refine=None, train_flops=None if frames is None else frames * fwd,
+                validations=None, val_samples=None, eval_flops=None, head_flops_counted=False)
+
 def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
                 overrides: Sequence[str] = (), # dotted overrides, as for `amt pipeline`
                 device: str = 'cpu', # where the FLOPs are counted (the count does not depend on it)
@@ -1294,6 +1307,8 @@ def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
         # the architecture: weights do not change a count
         model, lf = _model_and_loss(cfg, dev, pretrained=False)
         for name in t.freeze: model.components[name].requires_grad_(False)   # as build_learner freezes them
+        if set(t.freeze) >= set(model.components):
+            rows.append(_frozen_amt_row(r, model, cfg, dev)); continue
         fl = {True: _model_flops(model, cfg, lf, dev)}
         before = min(r['refine_from_epoch'], r['epochs']) * (r['steps_per_epoch'] or 0) if r['refine_steps'] else 0
         # epochs before refine_from_epoch
@@ -1330,7 +1345,8 @@ def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
                 else evals * n_val * fl[True]['forward_flops_per_sample'],
             )
         )
-    tot = lambda k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows)
+    # the frozen-AMT rows' validation is not counted: the total's validation FLOPs leave them out (the table says so)
+    tot = lambda k, rs=rows: None if any(r[k] is None for r in rs) else sum(r[k] for r in rs)
     rows.append(
         dict(
             run='total',
@@ -1340,7 +1356,7 @@ def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
             steps_exact=all(r['steps_exact'] for r in rows),
             samples=tot('samples'),
             train_flops=tot('train_flops'),
-            eval_flops=tot('eval_flops'),
+            eval_flops=tot('eval_flops', [r for r in rows if r.get('head_flops_counted', True)]),
         )
     )
     if log: log(stage_flops_table(rows, load_config(preset, list(overrides)).name))
@@ -1357,7 +1373,7 @@ def stage_flops_table(rows: list[dict], # `stage_flops` rows, the 'total' row la
     le = lambda r: '' if r.get('steps_exact', True) else '<= '
     out = [head] + [
         [
-            r['run'],
+            r['run'] + ('*' if r.get('head_flops_counted', True) is False else ''),
             le(r) + f(r['steps'], '{:,d}'),
             le(r) + f(r['samples'], '{:,d}'),
             f(r['train_flops_per_sample'], '{:.3f}', 1e9) if 'train_flops_per_sample' in r else '',
@@ -1372,6 +1388,9 @@ def stage_flops_table(rows: list[dict], # `stage_flops` rows, the 'total' row la
         f'training FLOPs of the {name} recipe (FlopCounterMode over one forward + backward as run: '
         'frozen parts without weight gradients; matmuls, convolutions, attention)\n'
         + '\n'.join('  '.join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(row)) for row in out)
+        + ('\n* a head trained on the frozen AMT: its samples are the AMT forward passes (once per frame when the video '
+           'stage caches them), counted forward only; the head\'s own FLOPs and validation are not counted'
+           if any(r.get('head_flops_counted', True) is False for r in rows) else '')
     )
 
 # %% ../nbs/13_bench.ipynb #64c955c2

@@ -168,14 +168,19 @@ def model(action: Literal['summary'], # summary: parameter counts per component 
     print(model_summary(load_config(preset, overrides)))
 
 # %% ../nbs/90_cli.ipynb #3d9f6060
-@command(flags={'verbose': ('-v', '--verbose')}, resume=dict(nargs='?', const=True, metavar='CKPT'))
+def _stage_arg(text: str) -> int | str:
+    "A `--stage` value: a stage number as an int, else the name ('video')."
+    return int(text) if text.isdigit() else text
+
+@command(flags={'verbose': ('-v', '--verbose')}, resume=dict(nargs='?', const=True, metavar='CKPT'),
+         stage=dict(type=_stage_arg))
 def train(overrides: list[str] = (), # dotted key=value overrides, e.g. training.epochs=3
           *, preset: str | None = None, # preset name or YAML path (--stage: default smoke; --resume: the checkpoint's)
-          stage: Literal[1, 2, 3, 4] | None = None, # run this stage of the recipe instead of a plain run (4: pose head)
+          stage: Literal[1, 2, 3, 4, 'video'] | None = None, # this stage of the recipe, not a plain run (4: pose head)
           run_dir: str | None = None, # run folder (default runs/<preset>-<timestamp>; --stage: a new pipeline folder)
           resume: str | None = None, # continue from this checkpoint; with --stage, no value: the stage in --run-dir
           overwrite: bool = False, # start over in a --run-dir that holds a run (removes its metrics, logs, checkpoints)
-          init_from: str | None = None, # start weights (--stage 2: stage-1 folder; 3: stage-2 best.pt; 4: an AMT)
+          init_from: str | None = None, # start weights (--stage 2: stage-1 folder; 3: stage-2 best.pt; 4, video: an AMT)
           max_steps: int | None = None, # stop after this many optimiser steps (--stage: per training run)
           max_minutes: float | None = None, # stop, with a checkpoint, after this many minutes (--stage: per stage)
           verbose: bool = False, # every number of each log record (logging.verbose)
@@ -206,7 +211,7 @@ def sweep(overrides: list[str] = (), # key=value overrides for every trial
 # %% ../nbs/90_cli.ipynb #66cf54d4
 @command(flags={'parameter': ('-p', '--parameter'), 'verbose': ('-v', '--verbose')},
          parameter=dict(nargs=2, metavar=('NAME', 'VALUE')))
-def run(notebook: str, # a notebook path or one of stage1, stage2, stage3, debugging
+def run(notebook: str, # a notebook path or one of stage1, stage2, stage3, video, debugging
         overrides: list[str] = (), # dotted key=value overrides (the notebook's `overrides` parameter)
         *, parameter: list[tuple[str, str]] = (), # a parameter of the notebook and its value, as YAML (repeatable)
         preset: str | None = None, # the notebook's `preset` parameter
@@ -232,11 +237,11 @@ def pipeline(overrides: list[str] = (), # dotted key=value overrides for every s
              run_dir: str | None = None, # the pipeline folder (default: runs/<preset>-pipeline-<timestamp>)
              max_steps: int | None = None, # per training run
              max_minutes: float | None = None, # per stage
-             stages: str = 'stage1,stage2,stage3,debugging', # comma-separated subset, in order
+             stages: str = 'stage1,stage2,stage3,video,debugging', # comma-separated subset, in order (video: if on)
              resume: str | None = None, # continue the pipeline in DIR (with its own settings; done stages kept)
              verbose: bool = False, # papermill's log cell by cell, every number of each log record, debugging tables
             ) -> int:
-    "Stage 1 -> 2 -> 3 -> debugging, each an experiment notebook run with papermill, then a summary table."
+    "Stage 1 -> 2 -> 3 -> video (when on) -> debugging, each an experiment notebook run with papermill; a summary."
     from amt_lib.pipeline import pipeline_command
     return pipeline_command(preset=preset, overrides=overrides, run_dir=run_dir, max_steps=max_steps,
                             max_minutes=max_minutes, stages=stages, resume=resume, verbose=verbose)
@@ -274,7 +279,7 @@ def eval_results(results: str, # official-format results file: index + 63 values
     eval_results_command(results=results, root=root, setup=setup, split=split, json_path=json)
 
 @command(flags={'K': ('--K',)})
-def predict(images: list[str], # image files (any size; cropped to the model input; EXIF orientation applied)
+def predict(images: list[str], # image files (EXIF orientation applied), or one video: a frame folder or a video file
             *, ckpt: str, # checkpoint written by amt train (its EMA weights are used)
             K: str | None = None, # intrinsics fx,fy,cx,cy of the photos, pixels (default: focal = longer side, centred)
             hand_box: str | None = None, # x0,y0,x1,y1: the hand in the photos, pixels; the crop is taken around it
@@ -284,9 +289,18 @@ def predict(images: list[str], # image files (any size; cropped to the model inp
             no_ema: bool = False, # use the raw weights
             compile: bool = False, # torch.compile the model
             samples: int = 0, # also N hand hypotheses per image from the checkpoint's trained pose head (stage 4)
+            track: bool = False, # a video: crop each frame around the previous frame's predicted hand
+            fps: float | None = None, # a video: the overlay's frame rate (default: the video file's, else 10)
            ) -> int:
-    "Predict hand joints, objects and contacts for photos: <name>.json and <name>_overlay.png each; 2 if one failed."
-    from amt_lib.inference import predict_command
+    "Predict hand joints, objects and contacts for photos (JSON + overlay PNG each) or a video (JSON per frame + mp4)."
+    from amt_lib.inference import predict_command, predict_video_command, is_video_input
+    from amt_lib.config import ConfigError
+    if is_video_input(images):
+        if compile or samples: raise ConfigError('--compile and --samples are for photos, not a video')
+        return predict_video_command(source=images[0], ckpt=ckpt, K=K, hand_box=hand_box, hints=hints, out=out,
+                                     device=device, ema=not no_ema, track=track, fps=fps)
+    if track or fps is not None:
+        raise ConfigError('--track and --fps are for a video (one folder of frames or one video file)')
     return predict_command(images=images, ckpt=ckpt, K=K, hand_box=hand_box, hints=hints, out=out, device=device,
                            ema=not no_ema, compile=compile, samples=samples)
 

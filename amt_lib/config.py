@@ -12,10 +12,10 @@ import yaml
 from omegaconf import OmegaConf, DictConfig, ListConfig
 
 # %% auto #0
-__all__ = ['PACKAGE_DIR', 'PRESET_DIR', 'RULES', 'FREE_KEYS', 'PURPOSES', 'ConfigError', 'list_presets', 'parse_overrides',
-           'override_keys', 'apply_overrides', 'load_config', 'Rule', 'int_ge', 'num_ge', 'num_gt', 'num_in', 'one_of',
-           'matches', 'nullable', 'list_of', 'rules_table', 'validate_config', 'config_to_yaml', 'config_from_yaml',
-           'git_commit', 'pid_alive']
+__all__ = ['PACKAGE_DIR', 'PRESET_DIR', 'RULES', 'FREE_KEYS', 'PURPOSES', 'RETIRED_KEYS', 'ConfigError', 'list_presets',
+           'parse_overrides', 'override_keys', 'apply_overrides', 'load_config', 'Rule', 'int_ge', 'num_ge', 'num_gt',
+           'num_in', 'one_of', 'matches', 'nullable', 'list_of', 'rules_table', 'validate_config', 'config_to_yaml',
+           'config_from_yaml', 'git_commit', 'pid_alive']
 
 # %% ../nbs/00_config.ipynb #3b6d6b0e
 PACKAGE_DIR = Path(str(files('amt_lib')))
@@ -240,7 +240,7 @@ RULES: dict[str, Rule] = {
     'training.grad_clip': nullable(num_ge(0)), 'training.precision': one_of('auto', 'bf16', 'fp32'),
     'training.device': matches(r'auto|cpu|cuda(:\d+)?', 'one of auto | cpu | cuda | cuda:N'),
     'training.ema_decay': num_in(0, 1, hi_open=True), 'training.ema_warmup': int_ge(0),
-    'training.eval_every': int_ge(0),
+    'training.ema_every': int_ge(1), 'training.eval_every': int_ge(0),
     'training.log_every': int_ge(1), 'training.checkpoint_every_epochs': int_ge(0), 'training.nan_patience': int_ge(1),
     'logging.progress': one_of('auto', 'bar', 'plain', 'quiet'),
     'stages.stage1_epochs': int_ge(1), 'stages.stage2_epochs': int_ge(1), 'stages.stage3_epochs': int_ge(1),
@@ -268,9 +268,18 @@ RULES: dict[str, Rule] = {
     'generative.pose.dim': int_ge(1), 'generative.pose.depth': int_ge(1), 'generative.pose.num_heads': int_ge(1),
     'generative.pose.joint_scale': num_gt(0), 'generative.pose.lr': num_gt(0),
     'generative.pose.eval_frames': int_ge(1), 'generative.pose.timing_images': int_ge(1),
-    'stages.generative_epochs': int_ge(0),
+    'stages.generative_epochs': int_ge(0), 'stages.video_epochs': int_ge(0),
     'generative.mask.size': int_ge(1), 'generative.mask.patch_size': int_ge(1), 'generative.mask.dim': int_ge(4),
     'generative.mask.depth': int_ge(1), 'generative.mask.num_heads': int_ge(1),
+    'generative.mask.lr': num_gt(0), 'generative.mask.eval_frames': int_ge(1), 'generative.mask.timing_images': int_ge(1),
+    'generative.diffusion.prediction_type': one_of('epsilon', 'v_prediction', 'sample'),
+    'generative.mask.prediction_type': nullable(one_of('epsilon', 'v_prediction', 'sample')),
+    'stages.generative_mask_epochs': int_ge(0),
+    'video.clip_len': int_ge(2), 'video.frame_step': int_ge(1), 'video.stride': int_ge(1),
+    'video.train_clips': int_ge(1), 'video.val_clips': int_ge(1), 'video.batch_size': int_ge(1),
+    'video.forecast_horizon': int_ge(1), 'video.occluded_joints': int_ge(1), 'video.move_speed': num_gt(0),
+    'temporal.dim': int_ge(1), 'temporal.depth': int_ge(1), 'temporal.heads': int_ge(1),
+    'temporal.dropout': num_in(0, 1, hi_open=True), 'temporal.lr': num_gt(0), 'temporal.loss_weights.*': num_ge(0),
 }
 # any value of the right type suits these keys (training.monitor: `validate_config` checks it against the metrics)
 FREE_KEYS = ('name', 'data.root', 'data.skip_no_hand', 'data.cache', 'data.cache_dir', 'data.cache_maps',
@@ -281,7 +290,8 @@ FREE_KEYS = ('name', 'data.root', 'data.skip_no_hand', 'data.cache', 'data.cache
              'logging.wandb', 'logging.wandb_project', 'logging.plots', 'logging.verbose',
              'stages.stage1_train_backbone', 'loss.ramps',
              'training.hard_mining', 'training.anneal_to_end', 'training.guards', 'stages.stage3_hard_mining',
-             'stages.stage1_component_epochs')
+             'stages.stage1_component_epochs', 'temporal.causal', 'temporal.cache_features',
+             'generative.mask.features')
 
 def _rule_for(key: str) -> Rule | None:
     if key in RULES: return RULES[key]
@@ -363,12 +373,27 @@ def config_to_yaml(cfg: DictConfig, # a resolved config
     "The resolved config as YAML text."
     return OmegaConf.to_yaml(cfg, sort_keys=False)
 
+# keys that configs saved by earlier versions may hold and this one no longer has: key -> why it went
+RETIRED_KEYS = {
+    'loss.weights.temporal': 'the still-image temporal term was replaced by the video stage (temporal.loss_weights)',
+}
+
+def _drop_retired(d: dict) -> list[str]:
+    "Remove RETIRED_KEYS from a nested config dict in place; returns the dotted keys removed."
+    gone = []
+    for key in RETIRED_KEYS:
+        *path, last = key.split('.'); node = d
+        for k in path: node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node: del node[last]; gone.append(key)
+    return gone
+
 def config_from_yaml(text_or_path: str | os.PathLike, # path of an existing YAML file, or YAML text
                     ) -> DictConfig:
-    "A config saved by `save_run_config` (or any YAML text), checked against the base preset."
+    "A config saved by `save_run_config` (or any YAML text), checked against the base preset; RETIRED_KEYS dropped."
     p = Path(text_or_path)
     text = p.read_text() if '\n' not in str(text_or_path) and p.exists() else str(text_or_path)
     d = yaml.safe_load(text)
+    _drop_retired(d)                 # an older run's config still loads (its checkpoints stay usable)
     _check(d, _flat_keys(_read_preset('base')), str(text_or_path)[:60])
     cfg = OmegaConf.create(d); OmegaConf.set_struct(cfg, True)
     return cfg

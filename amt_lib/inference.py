@@ -6,24 +6,28 @@
 from __future__ import annotations
 import json, math, os, sys, time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn, Tensor
-from .config import apply_overrides, validate_config, ConfigError
+from .config import apply_overrides, validate_config, ConfigError, config_from_yaml
 from .geometry import crop_resize_affine, crop_resize_K, warp_affine, project_points, quat_to_matrix
 from .geometry import hand_crop_box
 from .runtime import resolve_device
 from .data.loaders import build_eval_loader
-from .learner.checkpoint import CheckpointError
+from .learner.checkpoint import CheckpointError, load_checkpoint
+from .learner.video import load_video_model, PHASE_NAMES
+from .models.temporal import FRAME_KEYS
 from .learner.runs import load_model, load_pose_head
+from .learner.generative import MASK_CLASSES, has_mask_head, load_mask_head
 from .metrics import Evaluator
 from .tables import HAND_BONES, YCB_CLASSES
 
 # %% auto #0
-__all__ = ['Predictor', 'default_K', 'parse_K', 'check_K', 'clip_box', 'square_box', 'crop_photo', 'load_photo',
-           'prediction_record', 'draw_overlay', 'output_names', 'predict_photos', 'predict_command', 'evaluate',
-           'metrics_table', 'eval_command', 'objects_table']
+__all__ = ['VIDEO_SUFFIXES', 'IMAGE_SUFFIXES', 'Predictor', 'default_K', 'parse_K', 'check_K', 'clip_box', 'square_box',
+           'crop_photo', 'load_photo', 'prediction_record', 'draw_overlay', 'output_names', 'predict_photos',
+           'predict_command', 'is_video_input', 'read_video_frames', 'write_overlay_video', 'temporal_frames',
+           'predict_video', 'predict_video_command', 'evaluate', 'metrics_table', 'eval_command', 'objects_table']
 
 # %% ../nbs/12_inference.ipynb #2aa2d1ba
 class Predictor:
@@ -283,9 +287,9 @@ def output_names(paths: Sequence[str | os.PathLike], # the image files, in order
         if seen[n] > 1: names[i] = f'{n}_{seen[n]}'
     return names
 
-def _prepare(p: str, K: Tensor | None, hand_box, hints, size: int, margin: float) -> dict:
-    "One photo as the model's input, its intrinsics and hand box checked (ValueError / FileNotFoundError saying why)."
-    photo = load_photo(p)
+def _prepare(p: str, K: Tensor | None, hand_box, hints, size: int, margin: float, photo: Tensor | None = None) -> dict:
+    "One photo (read from `p`, or `photo` (3,H,W) 0..1 given) as the model's input, its intrinsics and hand box checked."
+    photo = load_photo(p) if photo is None else photo
     H, W = photo.shape[1:]
     Kp, Ksrc = (
         (check_K(K, W, H), 'given (--K)')
@@ -321,6 +325,7 @@ def predict_photos(
     errors: list | None = None, # given: a failing image is appended here ({'image', 'error'}) and the others go on
     pose_head: nn.Module | None = None, # a trained pose-hypothesis head on the predictor's device (`load_pose_head`)
     samples: int = 0, # hand hypotheses per image drawn from `pose_head` into each record (0: none)
+    mask_head: nn.Module | None = None, # a trained `MaskHeadModel` on the predictor's device (`load_mask_head`), or None
 ) -> list[dict]:
     "Predict each photo; write `<name>.json` and `<name>_overlay.png` (`output_names`) in `out_dir`; return records."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,6 +348,10 @@ def predict_photos(
             ctx = out['hand_context'].to(predictor.device)
             out['hand_hypotheses'] = pose_head.sample(ctx, samples, generator=torch.Generator(ctx.device).manual_seed(0)
                                                       ).float().cpu()
+        masks = None
+        if samples and mask_head is not None:   # (B,N,2,S,S) mask probabilities of the crops, the same noise per chunk
+            img = torch.stack([c['img'] for c in chunk]).to(predictor.device)
+            masks = mask_head.sample(img, samples, generator=torch.Generator(img.device).manual_seed(0)).float().cpu()
         for i, c in enumerate(chunk):
             bad = [k for k, v in out.items() if not torch.isfinite(v[i]).all()]
             if bad:
@@ -363,6 +372,17 @@ def predict_photos(
                 rec['hand']['hypotheses_meaning'] = (
                     f'{samples} hypotheses of the 21 joints (camera frame, mm) drawn by the pose-hypothesis head: its '
                     'root-relative samples placed at the wrist of joints_mm')
+            if masks is not None:   # the mean of the samples, per class: an 8-bit PNG over the crop
+                from PIL import Image
+                mean, files = masks[i].mean(0), {}
+                for k, cls in enumerate(MASK_CLASSES):
+                    files[cls] = str(out_dir/f"{c['name']}_mask_{cls}.png")
+                    Image.fromarray((mean[k] * 255).round().byte().numpy()).save(files[cls])
+                share = {cls: float((mean[k] > 0.5).float().mean()) for k, cls in enumerate(MASK_CLASSES)}
+                rec['masks'] = {'files': files, 'size': int(mean.shape[-1]), 'area_share': share,
+                                'meaning': f'per class, the mean of {samples} masks sampled by the MaskDiT over the crop '
+                                           '(crop.box, resized to size x size), probability x 255; area_share: the share '
+                                           'of the crop above 0.5'}
             if c['warning']: rec['warnings'] = [c['warning']]
             if 'pred_hand_joints_2d' in out:      # back to photo pixels through the inverse crop affine
                 uv = torch.cat([out['pred_hand_joints_2d'][i], torch.ones(21, 1)], -1) @ torch.linalg.inv(c['A']).T
@@ -407,18 +427,191 @@ def predict_command(images: Sequence[str | os.PathLike], # image files (any size
     if samples:   # a checkpoint without a trained pose head: CheckpointError saying how to get one
         head = load_pose_head(ckpt)
     pred = Predictor.from_checkpoint(ckpt, device, use_ema=ema, compile=compile, purpose='predict')
+    # and its mask samples when the weights hold a trained MaskDiT (stage 4's mask run)
+    masks = load_mask_head(ckpt, pred.model).to(pred.device) if samples and has_mask_head(ckpt) else None
     recs = predict_photos(pred, images, out, K, box, hints, errors=errors,
-                          pose_head=None if head is None else head.to(pred.device), samples=samples)
+                          pose_head=None if head is None else head.to(pred.device), samples=samples, mask_head=masks)
     for r in recs:
         for w in r.get('warnings', []): print(f"amt predict: warning: {r['image']}: {w}", file=sys.stderr)
         print(f"{r['image']}: {r['crop']['description']}; {len(r['objects'])} object(s); "
-              + (f"{samples} hand hypotheses; " if samples else '') + f"wrote {r['json']} and {r['overlay']}")
+              + (f"{samples} hand hypotheses; " if samples else '')
+              + (f"masks ({', '.join(MASK_CLASSES)}) from {samples} samples; " if 'masks' in r else '')
+              + f"wrote {r['json']} and {r['overlay']}")
     for e in errors: print(f"amt predict: error: {e['image']}: {e['error']}", file=sys.stderr)
     n = len(recs) + len(errors)
     print(f'amt predict: {len(recs)} of {n} image(s) written to {out}' +
           (f"; {len(errors)} failed: {', '.join(e['image'] for e in errors)}" if errors else ''),
           file=sys.stderr if errors else sys.stdout)
     return 2 if errors else 0
+
+# %% ../nbs/12_inference.ipynb #a7c3e1d1
+VIDEO_SUFFIXES = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+
+def is_video_input(paths: Sequence[str | os.PathLike], # what `amt predict` was given
+                  ) -> bool:
+    "One folder (its image files are the frames) or one video file: a video, not photos."
+    return len(paths) == 1 and (Path(paths[0]).is_dir() or Path(paths[0]).suffix.lower() in VIDEO_SUFFIXES)
+
+def read_video_frames(source: str | os.PathLike, # a folder of frames or a video file
+                      max_frames: int | None = None, # stop after this many frames
+                     ) -> tuple[Iterator[tuple[str, Tensor]], float | None]: # ((name, (3,H,W) 0..1) per frame, fps)
+    "A video's frames in order: a folder's image files sorted by name (`load_photo`), or a video file (imageio FFMPEG)."
+    src = Path(source)
+    if not src.exists(): raise FileNotFoundError(f'video {src} does not exist')
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_frames]
+        if not files:
+            raise FileNotFoundError(f"folder {src} holds no frames: image files ({', '.join(IMAGE_SUFFIXES)}), "
+                                    'taken in name order')
+        return ((str(p), load_photo(p)) for p in files), None
+    import imageio.v2 as iio
+    try: reader = iio.get_reader(str(src), format='FFMPEG'); fps = reader.get_meta_data().get('fps')
+    except Exception as e: raise ValueError(f'cannot read video {src} (imageio FFMPEG): {e}') from None
+    def frames():
+        with reader:
+            for k, a in enumerate(reader):
+                if max_frames is not None and k >= max_frames: break
+                yield f'frame_{k:06d}', torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1).float() / 255
+    return frames(), (float(fps) if fps else None)
+
+def write_overlay_video(images: Sequence, # PIL images of one size, in order
+                        stem: str | os.PathLike, # the file without suffix
+                        fps: float, # frames per second
+                       ) -> Path: # <stem>.mp4, or <stem>.gif without imageio-ffmpeg
+    "The overlay frames as an H.264 mp4 (imageio's FFMPEG writer, imageio-ffmpeg's binary), else an animated GIF."
+    try: import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary the FFMPEG writer runs)
+    except ImportError:
+        out = Path(f'{stem}.gif')
+        images[0].save(out, save_all=True, append_images=list(images[1:]), duration=round(1000 / fps), loop=0)
+        return out
+    import imageio.v2 as iio
+    out = Path(f'{stem}.mp4')
+    with iio.get_writer(str(out), format='FFMPEG', fps=fps, codec='libx264', quality=7, macro_block_size=2,
+                        ffmpeg_log_level='error') as w:
+        for im in images: w.append_data(np.asarray(im.convert('RGB')))
+    return out
+
+@torch.no_grad()
+def temporal_frames(video_model: nn.Module, # a `VideoModel` (`load_video_model`), eval mode
+                    frames: Mapping[str, Tensor], # FRAME_KEYS, each (N,...): the AMT's outputs of the N frames in order
+                    clip_len: int, # T, the window the temporal model was trained on (`video.clip_len`)
+                   ) -> dict[str, Tensor]: # the temporal model's outputs, each (N,...)
+    "The temporal model over a whole video: consecutive windows of T frames, the last one ending at the last frame."
+    N, T, out = len(frames['pred_hand_joints']), int(clip_len), {}
+    dev = next(video_model.temporal.parameters()).device
+    for s in range(0, N, T):
+        e = min(s + T, N); s0 = max(e - T, 0)                                      # the window [s0, e) covers [s, e)
+        o = video_model.temporal({k: frames[k][None, s0:e].to(dev) for k in FRAME_KEYS})
+        for k, v in o.items(): out.setdefault(k, []).append(v[0, s - s0:].float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+def predict_video(predictor: Predictor, # the AMT ready for inference
+                  source: str | os.PathLike, # a folder of frames (image files, name order) or a video file
+                  out_dir: str | os.PathLike, # <out_dir>/<name>/<frame>.json and <out_dir>/<name>_overlay.mp4
+                  K: Tensor | None = None, # (3,3) intrinsics of the frames; None: default_K
+                  hand_box: Sequence[float] | None = None, # [x0,y0,x1,y1] the hand's box in the frames (first frame
+                                                           # only with `track`)
+                  hints: Mapping[str, np.ndarray] | None = None, # frame path/name -> (N,2) hand keypoints, pixels
+                  track: bool = False, # crop each frame around the hand the previous frame predicted
+                  video_model: nn.Module | None = None, # a trained `VideoModel` (`load_video_model`): refined joints,
+                                                        # phase and forecast per frame
+                  clip_len: int = 8, # the temporal model's window, frames (`video.clip_len` of its run)
+                  fps: float | None = None, # overlay frame rate (None: the video file's, else 10)
+                  max_frames: int | None = None, # stop after this many frames
+                 ) -> dict: # frames, json folder, overlay file, how the crops were found
+    "Predict every frame of a video: a JSON per frame (single-frame and temporal predictions) and an overlay video."
+    it, src_fps = read_video_frames(source, max_frames)
+    name = Path(source).name if Path(source).is_dir() else Path(source).stem
+    fdir = Path(out_dir)/name; fdir.mkdir(parents=True, exist_ok=True)
+    size = int(predictor.cfg.data.image_size) if predictor.cfg is not None else 224
+    margin = float(predictor.cfg.data.crop_margin) if predictor.cfg is not None else 1.5
+    items, prev = [], None
+    for k, (path, photo) in enumerate(it):
+        tracked = track and prev is not None             # the box around the previous frame's predicted 2D hand
+        c = _prepare(path, K, [*prev.min(0), *prev.max(0)] if tracked else hand_box, None if tracked else hints,
+                     size, margin, photo=photo)
+        out = predictor.predict(c['img'][None], c['K'][None])
+        bad = [n for n, v in out.items() if not torch.isfinite(v).all()]
+        if bad: raise ValueError(f"frame {k} ({path}): the model's output is not finite ({', '.join(bad)})")
+        uv = torch.cat([out['pred_hand_joints_2d'][0], torch.ones(21, 1)], -1) @ torch.linalg.inv(c['A']).T
+        prev = uv[:, :2].numpy()                                              # (21,2) photo pixels
+        if tracked: c['how'] = "cropped around the previous frame's predicted hand (--track)"
+        items.append(dict(c=dict(c, img=(c['img'] * 255).round().byte()), out=out, uv=prev, path=path))
+    if not items: raise ValueError(f'video {source}: no frame read')
+    tm = None
+    if video_model is not None:   # refined joints, phase and forecast per frame from the frames' AMT outputs
+        fr = {n: torch.cat([x['out'][n] for x in items]) for n in FRAME_KEYS}
+        tm = temporal_frames(video_model, fr, clip_len)
+    fps = fps or src_fps or 10.
+    overlays, files = [], []
+    for k, x in enumerate(items):
+        c, out = x['c'], dict(x['out'])
+        fname = Path(x['path']).stem
+        rec = {'frame': k, 'time_s': k / fps, 'image': x['path'], 'image_size': list(c['size']),
+               'crop': {'mode': c['mode'], 'description': c['how'], 'box': c['box'].tolist(), 'size': size},
+               'K': c['Kp'].tolist(), 'K_source': c['Ksrc'], 'K_crop': c['K'].tolist(), 'weights': predictor.weights,
+               **prediction_record(out, 0)}
+        rec['hand']['joints_2d_photo_px'] = x['uv'].tolist()
+        title = f'{fname}'
+        if tm is not None:
+            p = tm['pred_phase_logits'][k].softmax(-1)
+            phase = PHASE_NAMES[int(p.argmax())]
+            rec['video'] = {
+                'joints_mm': (tm['pred_hand_joints'][k] * 1000).tolist(),
+                'phase': phase, 'phase_probability': dict(zip(PHASE_NAMES, p.tolist())),
+                'forecast_wrist_mm': (tm['pred_fut_wrist'][k] * 1000).tolist(),
+                'forecast_joints_mm': (tm['pred_fut_joints'][k] * 1000).tolist(),
+                'meaning': f'the temporal model over windows of {clip_len} frames: joints_mm refines hand.joints_mm '
+                           '(camera frame); phase of this frame; forecast_*: for the next frames h = 1..H, the wrist '
+                           'position minus its position now, and the root-relative joints minus theirs now (mm)'}
+            out['pred_hand_joints_2d'] = project_points(tm['pred_hand_joints'][k:k + 1], c['K'])   # the refined hand
+            title += f': {phase}'
+        js = fdir/f'{fname}.json'
+        js.write_text(json.dumps(rec, indent=1, allow_nan=False)); files.append(js)
+        overlays.append(draw_overlay(c['img'].float() / 255, out, 0, c['K'], title=title))
+    ov = write_overlay_video(overlays, Path(out_dir)/f'{name}_overlay', fps)
+    return dict(frames=len(items), json_dir=str(fdir), json=[str(f) for f in files], overlay=str(ov), fps=fps,
+                temporal=tm is not None, crop=items[-1]['c']['how'] if not track else
+                'first frame: ' + items[0]['c']['how'] + "; then around the previous frame's predicted hand")
+
+def predict_video_command(source: str | os.PathLike, # a folder of frames (image files, name order) or a video file
+                          ckpt: str | os.PathLike, # a checkpoint or weights file (the video stage's: + temporal model)
+                          K: str | None = None, # intrinsics 'fx,fy,cx,cy' of the frames, pixels
+                          hand_box: str | None = None, # 'x0,y0,x1,y1': the hand in the frames (with track: the first)
+                          hints: str | os.PathLike | None = None, # JSON of 2D hand points: [[x,y],..] or {frame: ..}
+                          out: str | os.PathLike = 'predictions', # output folder
+                          device: str = 'auto', # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
+                          ema: bool = True, # the EMA weights (False: the raw ones)
+                          track: bool = False, # crop each frame around the previous frame's predicted hand
+                          fps: float | None = None, # overlay frame rate (None: the video file's, else 10)
+                         ) -> int: # exit status 0 (a bad input raises)
+    "`amt predict` on a video: check the options, `predict_video`, say what was written."
+    try:
+        Kt = parse_K(K) if K else None
+        box = None
+        if hand_box:
+            try: box = [float(v) for v in hand_box.split(',')]; assert len(box) == 4
+            except (ValueError, AssertionError):
+                raise ValueError(f'--hand-box must be x0,y0,x1,y1, got {hand_box!r}') from None
+            clip_box(box, math.inf, math.inf)
+        if fps is not None and not fps > 0: raise ValueError(f'--fps {fps}: expected a number > 0')
+        src = Path(source)
+        names = ([str(p) for p in sorted(src.iterdir())] if src.is_dir() else
+                 [f'frame_{k:06d}' for k in range(100_000)]) if hints else []
+        hints = _read_hints(hints, names) if hints else None
+    except ValueError as e: raise ConfigError(str(e)) from None
+    pred = Predictor.from_checkpoint(ckpt, device, use_ema=ema, purpose='predict')
+    ck = load_checkpoint(ckpt)
+    vm = load_video_model(ckpt).to(pred.device) if 'temporal' in ck else None
+    T = int(config_from_yaml(ck['config']).video.clip_len) if vm is not None else 0
+    r = predict_video(pred, source, out, Kt, box, hints, track, vm, max(T, 1), fps)
+    print(f"{source}: {r['frames']} frames; crops: {r['crop']}; "
+          + ('single-frame and temporal model (refined joints, phase, forecast)' if r['temporal'] else
+             'single-frame model only (no trained video stage in the weights)')
+          + f"; wrote {r['frames']} JSON files in {r['json_dir']} and {r['overlay']}")
+    return 0
+
 
 # %% ../nbs/12_inference.ipynb #7166fa9b
 def evaluate(predictor: Predictor, # the model ready for inference

@@ -14,19 +14,20 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.optimize import linear_sum_assignment
 from .geometry import axis_angle_to_matrix, matrix_to_quat
 from .models.sigma_reparam import sigma_reparam_regularizer
-from .metrics import root_relative, spread_std
+from .metrics import root_relative, spread_std, time_difference
 from .runtime import unwrap_model
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'DATA_TERMS', 'YCB_INSCRIBED_RADIUS', 'safe_norm', 'masked_mean', 'quat_mul', 'quat_geodesic',
-           'hand_joint_loss', 'mano_loss', 'reprojection_loss', 'confidence_loss', 'match_objects', 'matched_pairs',
-           'object_position_loss', 'object_rotation_loss', 'object_class_loss', 'focal_bce', 'contact_loss',
-           'contact_point_loss', 'diversity_loss', 'kl_loss', 'penetration_loss', 'joint_limit_loss', 'physics_loss',
-           'consecutive_pairs', 'temporal_loss', 'loss_weights', 'AMTLoss']
+__all__ = ['LOSS_TERMS', 'DATA_TERMS', 'YCB_INSCRIBED_RADIUS', 'VIDEO_LOSS_TERMS', 'safe_norm', 'masked_mean', 'quat_mul',
+           'quat_geodesic', 'hand_joint_loss', 'mano_loss', 'reprojection_loss', 'confidence_loss', 'match_objects',
+           'matched_pairs', 'object_position_loss', 'object_rotation_loss', 'object_class_loss', 'focal_bce',
+           'contact_loss', 'contact_point_loss', 'diversity_loss', 'kl_loss', 'penetration_loss', 'joint_limit_loss',
+           'physics_loss', 'loss_weights', 'AMTLoss', 'motion_loss', 'phase_loss', 'future_valid', 'forecast_loss',
+           'VideoLoss']
 
 # %% ../nbs/08_losses.ipynb #0dd57e8f
 LOSS_TERMS = ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'object_position', 'object_rotation',
-              'object_class', 'contact', 'contact_point', 'confidence', 'diversity', 'kl', 'physics', 'temporal')
+              'object_class', 'contact', 'contact_point', 'confidence', 'diversity', 'kl', 'physics')
 # the main terms that measure a prediction against a label; with dynamic weighting only these get learned weights
 # (not the auxiliary `contact_point` and `confidence`: their scales follow from the main terms)
 DATA_TERMS = ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'object_position', 'object_rotation',
@@ -311,37 +312,6 @@ def physics_loss(points: Tensor, # (B,P,3) hand points, metres
     "Penetration (metres) + joint-angle excess (radians)."
     return penetration_loss(points, centres, radii, obj_valid, valid) + joint_limit_loss(pose, valid, max_angle)
 
-# %% ../nbs/08_losses.ipynb #3b019b00
-def _meta_list(v, n: int) -> list:
-    "A collated meta field (list / tuple / tensor) as a python list of length n."
-    if isinstance(v, Tensor): v = v.tolist()
-    v = list(v) if isinstance(v, (list, tuple)) else [v] * n
-    return v if len(v) == n else [None] * n
-
-def consecutive_pairs(meta: Mapping | None, # collated meta: subject, sequence, serial, frame (lists or tensors)
-                      n: int, # batch size
-                     ) -> Tensor:
-    "(P,2) long index pairs (i, j) of the batch where sample j is the frame right after sample i."
-    if not meta or 'frame' not in meta or 'sequence' not in meta: return torch.zeros(0, 2, dtype=torch.long)
-    frame = _meta_list(meta['frame'], n)
-    keys = list(zip(*[_meta_list(meta[k], n) if k in meta else [None] * n for k in ('subject', 'sequence', 'serial')]))
-    where = {(k, f): i for i, (k, f) in enumerate(zip(keys, frame)) if f is not None}
-    pairs = [(i, where[(k, f + 1)]) for i, (k, f) in enumerate(zip(keys, frame))
-             if f is not None and (k, f + 1) in where]
-    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-
-def temporal_loss(pred: Tensor, # (B,21,3) predicted joints, metres
-                  gt: Tensor, # (B,21,3) true joints, metres
-                  valid: Tensor, # (B,) bool, hand_valid
-                  pairs: Tensor, # (P,2) long, (frame t, frame t+1) indices into the batch
-                 ) -> Tensor:
-    "Mean joint distance (metres) between predicted and true motion over consecutive-frame pairs."
-    pairs = pairs.to(pred.device)
-    if len(pairs): pairs = pairs[valid[pairs[:, 0]] & valid[pairs[:, 1]]]
-    i, j = pairs[:, 0], pairs[:, 1]
-    vel_p, vel_g = pred[j] - pred[i], (gt[j] - gt[i]).to(pred.dtype)   # (P,21,3)
-    return masked_mean(safe_norm(vel_p - vel_g).mean(-1))
-
 # %% ../nbs/08_losses.ipynb #c7dcf496
 def _plain(x, # a DictConfig, a mapping or None
           ) -> dict:
@@ -388,6 +358,12 @@ def loss_weights(cfg, # full config (with `loss`) or its `loss` section
     return w
 
 # %% ../nbs/08_losses.ipynb #e12b9103
+def _meta_list(v, n: int) -> list:
+    "A collated meta field (list / tuple / tensor) as a python list of length n."
+    if isinstance(v, Tensor): v = v.tolist()
+    v = list(v) if isinstance(v, (list, tuple)) else [v] * n
+    return v if len(v) == n else [None] * n
+
 _OUT_KEYS = ('pred_hand_joints', 'pred_hand_joints_coarse', 'pred_hand_joints_2d', 'pred_mano_pose',
              'pred_mano_betas', 'pred_obj_pos', 'pred_obj_rot', 'pred_obj_logits', 'pred_contact_logits',
              'pred_contact_points', 'pred_hand_conf')
@@ -468,8 +444,6 @@ class AMTLoss(nn.Module):
         if 'pred_hand_verts' in o: pts = torch.cat([pts, o['pred_hand_verts']], 1)
         radii = self.object_radius.to(dev)[gcls.clamp(0, len(self.object_radius) - 1)]   # (B,M)
         t['physics'] = physics_loss(pts, o['pred_mano_pose'], gpos, radii, ov, hv, float(lc.max_joint_angle))
-        pairs = consecutive_pairs(bt.get('meta'), len(hv))
-        t['temporal'] = temporal_loss(o['pred_hand_joints'], gj, hv, pairs)
         return t
 
     def forward(self,
@@ -494,4 +468,112 @@ class AMTLoss(nn.Module):
                 res[f'w_{k}'] = torch.tensor(w[k])
         res['loss'] = total
         res.update({k: t[k].detach() for k in LOSS_TERMS})
+        return res
+
+# %% ../nbs/08_losses.ipynb #3e87a0c5
+VIDEO_LOSS_TERMS = ('joints', 'velocity', 'acceleration', 'objects', 'object_rotation', 'contact', 'phase', 'forecast',
+                    'forecast_rotation')
+
+def motion_loss(pred: Tensor, # (B,T,J,3) predicted joints, metres
+                gt: Tensor, # (B,T,J,3) true joints, metres
+                valid: Tensor, # (B,T) bool, hand_valid
+                order: int = 1, # 1: velocity, 2: acceleration
+               ) -> Tensor:
+    "Mean joint distance (metres/frame^order) of the predicted finite differences in time from the true ones."
+    dp, v = time_difference(pred, valid, order)
+    dg, _ = time_difference(gt.to(pred.dtype), valid, order)
+    return masked_mean(safe_norm(dp[v] - dg[v]).mean(-1))
+
+def phase_loss(logits: Tensor, # (B,T,P) phase logits
+               phase: Tensor, # (B,T) long, true phase; < 0: no label
+              ) -> Tensor:
+    "Mean cross-entropy (nats) of the labelled frames' phases; 0 without a label."
+    keep = phase >= 0
+    return F.cross_entropy(logits[keep], phase[keep].long()) if keep.any() else logits.sum() * 0.
+
+def future_valid(valid: Tensor, # (B,T,...) bool, frames (or objects) with a label
+                 horizon: int, # H
+                ) -> Tensor: # (B,T,H,...) bool
+    "Whether frame t+h (h = 1..H) lies inside the clip and is labelled."
+    B, T = valid.shape[:2]
+    v = torch.cat([valid.bool(), valid.new_zeros((B, horizon) + valid.shape[2:], dtype=torch.bool)], 1)
+    return torch.stack([v[:, h:h + T] for h in range(1, horizon + 1)], 2)
+
+def forecast_loss(pred: Tensor, # (N,H,...,3) predicted motion
+                  target: Tensor, # (N,H,...,3) true motion
+                  valid: Tensor, # (N,H) bool, which targets count
+                 ) -> Tensor:
+    "Mean Euclidean error of the valid targets (averaged over the remaining dims), in the targets' unit."
+    v = valid.bool()
+    return masked_mean(safe_norm(pred[v] - target[v].to(pred.dtype)).reshape(int(v.sum()), -1).mean(-1))
+
+# %% ../nbs/08_losses.ipynb #533d5c7a
+_VIDEO_OUT_KEYS = ('pred_hand_joints', 'pred_obj_pos', 'pred_obj_rot', 'pred_obj_logits', 'pred_contact_logits',
+                   'pred_phase_logits', 'pred_fut_wrist', 'pred_fut_wrist_rot', 'pred_fut_joints', 'pred_fut_obj',
+                   'pred_fut_obj_rot')
+_VIDEO_BATCH_KEYS = ('hand_joints_3d', 'hand_valid', 'obj_pose', 'obj_valid', 'obj_class', 'contact', 'phase',
+                     'fut_wrist', 'fut_wrist_rot', 'fut_joints', 'fut_obj', 'fut_obj_rot', 'fut_valid')
+
+class VideoLoss(nn.Module):
+    "The video objective: every term of `VIDEO_LOSS_TERMS` over a clip batch, weighted by `temporal.loss_weights`."
+    def __init__(self, cfg): # full config (`load_config`): temporal.loss_weights, loss.* of matching and joints
+        super().__init__()
+        w = {k: float(v) for k, v in _plain(cfg.temporal.loss_weights).items()}
+        if set(w) != set(VIDEO_LOSS_TERMS):
+            raise ValueError(f'temporal.loss_weights has {sorted(w)}; expected exactly {list(VIDEO_LOSS_TERMS)}')
+        self.weights, self.lc = w, cfg.loss
+        self.joint_weights = None if cfg.loss.joint_weights is None else list(cfg.loss.joint_weights)
+
+    def terms(self, out: dict, # the video model's outputs (B,T,...): pred_* of `TemporalModel`
+              batch: dict, # a clip batch (B,T,...) with phase and the fut_* motion targets
+             ) -> dict[str, Tensor]:
+        "Every term, unweighted, with grad."
+        miss = [k for k in _VIDEO_OUT_KEYS if k not in out] + [k for k in _VIDEO_BATCH_KEYS if k not in batch]
+        if miss: raise KeyError(f'VideoLoss: the outputs / clip batch lack {miss} (motion targets: '
+                                'amt_lib.data.video.motion_targets)')
+        o = {k: v.float() if v.is_floating_point() else v for k, v in out.items() if isinstance(v, Tensor)}
+        dev = o['pred_hand_joints'].device
+        bt = {k: v.to(dev) for k, v in batch.items() if isinstance(v, Tensor)}
+        lc, t = self.lc, {}
+        B, T = bt['hand_valid'].shape[:2]
+        hv, gj = bt['hand_valid'].bool(), bt['hand_joints_3d'].float()
+        t['joints'] = hand_joint_loss(o['pred_hand_joints'].flatten(0, 1), gj.flatten(0, 1), hv.flatten(),
+                                      self.joint_weights, float(lc.hand_abs_weight))
+        t['velocity'] = motion_loss(o['pred_hand_joints'], gj, hv, 1)
+        t['acceleration'] = motion_loss(o['pred_hand_joints'], gj, hv, 2)
+        # objects: slots matched to labelled objects frame by frame, on the refined centres
+        flat = lambda x: x.flatten(0, 1)
+        gpos, grot = flat(bt['obj_pose'][..., :3, 3].float()), flat(bt['obj_pose'][..., :3, :3].float())
+        ov, gcls = bt['obj_valid'].bool(), flat(bt['obj_class'].long())
+        match = match_objects(flat(o['pred_obj_logits']), flat(o['pred_obj_pos']).detach(), gcls, gpos, flat(ov),
+                              float(lc.match_class_cost), float(lc.match_position_cost))        # (B·T,Q)
+        t['objects'] = object_position_loss(flat(o['pred_obj_pos']), gpos, match)
+        t['object_rotation'] = object_rotation_loss(flat(o['pred_obj_rot']), grot, match)
+        t['contact'] = contact_loss(flat(o['pred_contact_logits']), flat(bt['contact'].float()), match,
+                                    float(lc.focal_gamma))
+        t['phase'] = phase_loss(o['pred_phase_logits'], bt['phase'])
+        fv = bt['fut_valid'].bool()                                                  # (B,T,H)
+        H = fv.shape[2]
+        b, q, m = matched_pairs(match)
+        ofv = flat(future_valid(ov, H) & ov[:, :, None])[b, :, m]                    # (P,H) object at t and t+h
+        pf = lambda k: flat(o[f'pred_fut_{k}'])[b, :, q]                             # (P,H,3) matched slots
+        tf = lambda k: flat(bt[f'fut_{k}'].float())[b, :, m]
+        t['forecast'] = (forecast_loss(o['pred_fut_wrist'], bt['fut_wrist'], fv)
+                         + forecast_loss(o['pred_fut_joints'], bt['fut_joints'], fv)
+                         + forecast_loss(pf('obj'), tf('obj'), ofv))
+        t['forecast_rotation'] = (forecast_loss(o['pred_fut_wrist_rot'], bt['fut_wrist_rot'], fv)
+                                  + forecast_loss(pf('obj_rot'), tf('obj_rot'), ofv))
+        return t
+
+    def forward(self, out: dict, # the video model's outputs
+                batch: dict, # a clip batch with motion targets
+               ) -> dict[str, Tensor]:
+        "'loss' (weighted total, with grad), each term (detached, unweighted) and 'w_<term>'."
+        t = self.terms(out, batch)
+        total = out['pred_hand_joints'].new_zeros((), dtype=torch.float32)
+        for k in VIDEO_LOSS_TERMS:
+            if self.weights[k] != 0: total = total + self.weights[k] * t[k]
+        res = {'loss': total}
+        res.update({k: t[k].detach() for k in VIDEO_LOSS_TERMS})
+        res.update({f'w_{k}': torch.tensor(self.weights[k]) for k in VIDEO_LOSS_TERMS})
         return res

@@ -22,9 +22,11 @@ __all__ = ['ALIGNMENTS', 'YCB_SYMMETRIC', 'OBJ_AUC_MAX_MM', 'BOP_RECALL_SHARE', 
            'pck_curve', 'pck', 'pck_2d', 'auc', 'add', 'add_s', 'object_diameter', 'threshold_auc',
            'object_pose_scores', 'contact_counts', 'contact_scores', 'contact_accuracy', 'contact_f1',
            'confidence_calibration', 'spread_std', 'spread_ratio', 'diversity_verdict', 'RunningStats', 'Spread',
-           'DiversityReport', 'SpreadMeter', 'hypothesis_errors', 'hypothesis_summary', 'dexycb_hand_eval',
-           'write_hand_results', 'read_hand_results', 'finite_rows', 'Evaluator', 'mean_root_relative_hand',
-           'hand_summary', 'monitor_choices']
+           'DiversityReport', 'SpreadMeter', 'hypothesis_errors', 'hypothesis_summary', 'mask_iou',
+           'mask_sample_summary', 'label_recall', 'dexycb_hand_eval', 'write_hand_results', 'read_hand_results',
+           'finite_rows', 'Evaluator', 'mean_root_relative_hand', 'hand_summary', 'monitor_choices', 'time_difference',
+           'acceleration_error', 'jitter', 'clip_rr_mpjpe', 'phase_scores', 'forecast_errors',
+           'constant_velocity_forecast']
 
 # %% ../nbs/05_metrics.ipynb #adfa4438
 def root_relative(joints: Tensor, # (...,J,3) joints, joint 0 the wrist
@@ -515,6 +517,45 @@ def hypothesis_summary(samples: Tensor, # (B,N,J,3) hypotheses per frame, metres
     r['n_frames'] = len(sp)
     return r
 
+# %% ../nbs/05_metrics.ipynb #a7c1m002
+def mask_iou(pred: Tensor, # (...,H,W) predicted mask, bool
+             gt: Tensor, # (...,H,W) true mask, bool
+            ) -> Tensor: # (...) intersection over union; nan where both masks are empty
+    "Intersection over union of binary masks, over the last two dimensions."
+    pred, gt = pred.bool(), gt.bool()
+    i, u = (pred & gt).flatten(-2).sum(-1).float(), (pred | gt).flatten(-2).sum(-1).float()
+    return torch.where(u > 0, i / u.clamp(min=1), torch.full_like(i, float('nan')))
+
+def mask_sample_summary(samples: Tensor, # (F,N,M,H,W) sampled mask probabilities 0..1, N >= max(ns)
+                        gt: Tensor, # (F,M,H,W) true masks, bool
+                        classes: tuple | list, # the M channels' names ('hand', 'object')
+                        ns: tuple = (1, 5, 16), # sample counts measured: the first n of the N
+                        threshold: float = 0.5, # a pixel is in the mask above this probability
+                       ) -> dict[str, float]: # <class>_mean_of_<n>_iou, <class>_best_of_<n>_iou, <class>_frames
+    "Per class, over the frames where it is visible: IoU of the mean of n samples and best-of-n IoU."
+    F_, N, M = samples.shape[:3]
+    if max(ns) > N: raise ValueError(f'ns={ns}: at most the {N} samples given')
+    if len(classes) != M: raise ValueError(f'{len(classes)} class names for {M} mask channels')
+    gt = gt.bool()
+    seen = gt.flatten(-2).any(-1)                                                  # (F,M) the class is in the frame
+    r = {}
+    for n in ns:
+        mean = mask_iou(samples[:, :n].float().mean(1) > threshold, gt)           # (F,M)
+        best = mask_iou(samples[:, :n] > threshold, gt[:, None]).amax(1)          # (F,M): no nan where seen
+        for m, c in enumerate(classes):
+            r[f'{c}_mean_of_{n}_iou'] = float(mean[seen[:, m], m].mean()) if seen[:, m].any() else float('nan')
+            r[f'{c}_best_of_{n}_iou'] = float(best[seen[:, m], m].mean()) if seen[:, m].any() else float('nan')
+    for m, c in enumerate(classes): r[f'{c}_frames'] = int(seen[:, m].sum())
+    return r
+
+def label_recall(pred: Tensor, # (F,H,W) predicted mask, bool
+                 labels: Tensor, # (F,H,W) integer label map (e.g. seg: 1..21 YCB ids)
+                 ids: tuple | list, # the labels to report
+                ) -> dict[int, float]: # label -> share of its pixels inside `pred` (only labels present)
+    "Share of each label's pixels (over all frames) that the predicted mask covers."
+    pred = pred.bool()
+    return {int(i): float((pred & (labels == i)).sum() / n) for i in ids if (n := int((labels == i).sum())) > 0}
+
 # %% ../nbs/05_metrics.ipynb #c4892cc2
 def dexycb_hand_eval(pred_mm: Tensor, # (N,21,3) predicted joints, camera frame, mm
                      gt_mm: Tensor,   # (N,21,3) true joints, camera frame, mm
@@ -689,6 +730,7 @@ class Evaluator:
         R = quat_to_matrix(rot.detach().cpu().double()) if rot is not None else None   # (B,S,3,3)
         logits = out.get('pred_obj_logits')
         prob = out.get('pred_contact_prob')
+        scored = []                                                              # (class, pred, true) poses
         for b, (pi, gi) in enumerate(pairs):
             if len(gi):
                 self.pos.append((pos[b, pi] - pose[b, gi, :3, 3]).norm(dim=-1) * 1000.)
@@ -702,9 +744,7 @@ class Evaluator:
                         c = int(cls[b, gi[k]])
                         if c not in self.obj_points:
                             raise KeyError(f'no model points for object class {c} (obj_points)')
-                        self.add.append(add(pp[k], pose[b, gi[k]], self.obj_points[c]).reshape(1))
-                        self.add_s.append(add_s(pp[k], pose[b, gi[k]], self.obj_points[c]).reshape(1))
-                        self.add_cls.append(c)
+                        scored.append((c, pp[k], pose[b, gi[k]]))
                 if prob is not None:
                     cnt = contact_counts(prob[b, pi].detach().cpu().float(), batch['contact'][b, gi].cpu(),
                                          threshold=self.contact_threshold)
@@ -712,6 +752,21 @@ class Evaluator:
             if logits is not None:
                 rest = torch.ones(logits.shape[1], dtype=torch.bool); rest[pi] = False
                 self.empty.append(logits[b, rest].detach().cpu().argmax(-1) == 0)
+        self._score_poses(scored)
+
+    def _score_poses(self, scored: list, # (YCB id, predicted [R|t] (3,4), true [R|t] (3,4)) of matched objects
+                     chunk: int = 8, # objects of one class scored together (ADD-S holds chunk x P x P distances)
+                    ):
+        "ADD and ADD-S of the matched objects, a class's objects batched, appended in the order given."
+        a, s_ = [None] * len(scored), [None] * len(scored)
+        for c in dict.fromkeys(c for c, _, _ in scored):
+            idx = [j for j, (k, _, _) in enumerate(scored) if k == c]
+            for lo in range(0, len(idx), chunk):
+                part = idx[lo:lo + chunk]
+                pp, pg = torch.stack([scored[j][1] for j in part]), torch.stack([scored[j][2] for j in part])
+                va, vs = add(pp, pg, self.obj_points[c], reduce=False), add_s(pp, pg, self.obj_points[c], reduce=False)
+                for n, j in enumerate(part): a[j], s_[j] = va[n:n + 1], vs[n:n + 1]
+        self.add += a; self.add_s += s_; self.add_cls += [c for c, _, _ in scored]
 
     def compute(self, per_joint: bool = False, # add the per-joint MPJPE lists
                 per_class: bool = False, # add 'objects_per_class': YCB id -> the object scores of that class
@@ -855,3 +910,82 @@ def monitor_choices(cfg: DictConfig, # a run's config: its loss terms count too
         {*ev.compute(), f'pck2d@{ev.pck2d_threshold_px:g}px', 'loss', *cfg.loss.weights}
         - {'n_hands', 'n_objects', 'nonfinite_pred'}
     )
+
+# %% ../nbs/05_metrics.ipynb #cb94d730
+def time_difference(x: Tensor, # (B,T,...) a quantity per frame of each clip
+                    valid: Tensor, # (B,T) bool, frames with a value
+                    order: int = 1, # 1: velocity, 2: acceleration, 3: jerk (per frame^order)
+                   ) -> tuple[Tensor, Tensor]: # (B,T-order,...) differences, (B,T-order) bool all frames used valid
+    "Finite difference of `order` along time, and where every frame it uses is valid."
+    d, v = x, valid.bool()
+    for _ in range(order): d, v = d[:, 1:] - d[:, :-1], v[:, 1:] & v[:, :-1]
+    return d, v
+
+def acceleration_error(pred: Tensor, # (B,T,J,3) predicted joints, metres
+                       gt: Tensor, # (B,T,J,3) true joints, metres
+                       valid: Tensor, # (B,T) bool, frames with a hand label
+                      ) -> float: # mm/frame^2; nan without three valid frames in a row
+    "Mean over joints and valid frame triples of |second difference of pred - of gt|, mm/frame²."
+    ap, v = time_difference(pred.float(), valid, 2)
+    ag, _ = time_difference(gt.float(), valid, 2)
+    e = (ap - ag)[v].norm(dim=-1)                                          # (N,J)
+    return float(e.mean() * 1000) if e.numel() else float('nan')
+
+def jitter(pred: Tensor, # (B,T,J,3) joints, metres
+           valid: Tensor, # (B,T) bool, frames with a prediction to count
+          ) -> float: # mm/frame^3; nan without four valid frames in a row
+    "Mean magnitude of the third difference (jerk) of a joint sequence, mm/frame³."
+    j, v = time_difference(pred.float(), valid, 3)
+    e = j[v].norm(dim=-1)
+    return float(e.mean() * 1000) if e.numel() else float('nan')
+
+# %% ../nbs/05_metrics.ipynb #f56496cb
+def clip_rr_mpjpe(pred: Tensor, # (B,T,21,3) predicted joints, metres
+                  gt: Tensor, # (B,T,21,3) true joints, metres
+                  valid: Tensor, # (B,T) bool, frames with a hand label
+                  occluded: Tensor | None = None, # (B,T) bool, frames that count as occluded
+                 ) -> dict: # rr_mpjpe, rr_mpjpe_occluded (mm, nan: no such frame), frames, occluded_frames
+    "Per-frame root-relative MPJPE (mm) over all valid frames and over the occluded ones."
+    e = (root_relative(pred.float()) - root_relative(gt.float())).norm(dim=-1).mean(-1)   # (B,T) metres
+    v = valid.bool()
+    o = v & occluded.bool() if occluded is not None else torch.zeros_like(v)
+    m = lambda k: float(e[k].mean() * 1000) if k.any() else float('nan')
+    return dict(rr_mpjpe=m(v), rr_mpjpe_occluded=m(o), frames=int(v.sum()), occluded_frames=int(o.sum()))
+
+# %% ../nbs/05_metrics.ipynb #245852bb
+def phase_scores(pred: Tensor, # (N,) predicted phase (long) or (N,P) logits
+                 target: Tensor, # (N,) true phase, long 0..P-1
+                 num_phases: int = 4, # P
+                ) -> dict: # accuracy (0..1) and f1 (list of P, nan where a phase is neither true nor predicted)
+    "Phase accuracy and per-phase F1."
+    p = (pred.argmax(-1) if pred.is_floating_point() else pred).reshape(-1).long()
+    t = target.reshape(-1).long()
+    f1 = []
+    for c in range(num_phases):
+        tp, fp, fn = int(((p == c) & (t == c)).sum()), int(((p == c) & (t != c)).sum()), int(((p != c) & (t == c)).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else float('nan'))
+    return dict(accuracy=float((p == t).float().mean()) if len(t) else float('nan'), f1=f1)
+
+# %% ../nbs/05_metrics.ipynb #3cc8c696
+def forecast_errors(pred: Tensor, # (B,T,H,...,3) predicted motion h+1 frames ahead, metres
+                    target: Tensor, # (B,T,H,...,3) true motion, metres
+                    valid: Tensor, # (B,T,H) or (B,T,H,...) bool, which targets exist
+                   ) -> list[float]: # H mean distances, mm (nan: no valid target at that horizon)
+    "Mean Euclidean error of a motion forecast at each horizon, mm."
+    e = (pred.float() - target.float()).norm(dim=-1)                                  # (B,T,H,...)
+    v = valid.bool()
+    while v.dim() < e.dim(): v = v[..., None]
+    v = v.expand_as(e)
+    return [float(e[:, :, h][v[:, :, h]].mean() * 1000) if v[:, :, h].any() else float('nan')
+            for h in range(e.shape[2])]
+
+def constant_velocity_forecast(x: Tensor, # (B,T,...,3) observed positions, metres
+                               valid: Tensor, # (B,T) bool, frames observed
+                               horizon: int, # H frames ahead
+                              ) -> tuple[Tensor, Tensor]: # (B,T,H,...,3) motion x(t+h)-x(t), (B,T) bool where defined
+    "Constant-velocity forecast h(x(t) - x(t-1)) of the motion h = 1..H frames ahead, and where it exists."
+    v, ok = time_difference(x, valid, 1)                                                 # (B,T-1,...,3)
+    v = torch.cat([torch.zeros_like(x[:, :1]), v], 1)                                    # frame 0: no velocity
+    ok = torch.cat([torch.zeros_like(ok[:, :1]), ok], 1)
+    h = torch.arange(1, horizon + 1, dtype=x.dtype, device=x.device).reshape(1, 1, horizon, *[1] * (x.dim() - 2))
+    return v[:, :, None] * h, ok

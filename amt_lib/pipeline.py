@@ -24,19 +24,25 @@ from .learner.guards import guard_summary
 from .learner.runs import run_dir_name, weights_file, merge_component_weights, component_prefixes, load_model
 from .learner.runs import pose_weights_file, load_pose_head
 from .learner.train import train, run_training, NothingToTrain
-from .learner.generative import train_pose_head, pose_hypothesis_measures, hypothesis_table
+from .learner.generative import (train_pose_head, pose_hypothesis_measures, hypothesis_table, train_mask_dit,
+                                        add_mask_head, load_mask_head, mask_measures)
+from .learner.video import train_video, load_video_model, video_measures, video_table
+from .models.temporal import TemporalModel, temporal_model_args
+from .learner.reporting import progress_mode
+from .data.video import build_clip_loaders
 from .runtime import resolve_device
 from .stages import *
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'SUMMARY_COLUMNS', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals', 'experiments_dir',
-           'kernel_options', 'run_notebook', 'summary_table', 'learned_verdict', 'debugging_note', 'run_pipeline',
-           'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights', 'evaluate_pose_head', 'run_stage',
-           'train_command', 'notebook_parameters', 'run_notebook_command', 'pipeline_command']
+           'kernel_options', 'run_notebook', 'summary_table', 'learned_verdict', 'video_verdict', 'verdict_table',
+           'debugging_note', 'run_pipeline', 'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights',
+           'evaluate_pose_head', 'evaluate_video', 'evaluate_mask_head', 'run_stage', 'train_command',
+           'notebook_parameters', 'run_notebook_command', 'pipeline_command']
 
 # %% ../nbs/10a_pipeline.ipynb #f2ab86aa
 EXPERIMENTS = {'stage1': 'stage1_pretrain.ipynb', 'stage2': 'stage2_joint.ipynb',
-               'stage3': 'stage3_finetune.ipynb', 'debugging': 'debugging.ipynb'}
+               'stage3': 'stage3_finetune.ipynb', 'video': 'video.ipynb', 'debugging': 'debugging.ipynb'}
 
 class NotebookFailed(RuntimeError):
     "A notebook run by papermill raised; the executed notebook with the error is saved at `.output`."
@@ -192,6 +198,39 @@ def learned_verdict(final: dict, # a run's final summary: rr_mpjpe, mean_pose_rr
         },
     )
 
+def video_verdict(m: dict, # `amt_lib.learner.video.video_measures`' result (mm, mm/frame², accuracy 0..1)
+                 ) -> dict: # target name -> {value, target, rule, met}
+    "The issue's targets for the video stage, each with the measured value, its target and whether it is met."
+    t, s = m['temporal'], m['single']
+    fin = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+    def row(value, target, rule, met): return dict(value=value, target=target, rule=rule, met=bool(met))
+    def beats(f, base):   # forecast errors per horizon below a baseline's at every horizon that has frames
+        hs = [h for h, (a, b) in enumerate(zip(f['model'], f[base])) if fin(a) and fin(b)]
+        return row(f['model'], f[base], f'below {base} at every horizon with frames ({len(hs)} of {len(f[base])})',
+                   hs and all(f['model'][h] < f[base][h] for h in hs))
+    out = dict(
+        accel_error=row(t['accel_error'], 0.5 * s['accel_error'], "<= half the single-frame model's (mm/frame²)",
+                        fin(t['accel_error']) and t['accel_error'] <= 0.5 * s['accel_error']),
+        rr_mpjpe=row(t['rr_mpjpe'], s['rr_mpjpe'], "<= the single-frame model's (mm)",
+                     fin(t['rr_mpjpe']) and t['rr_mpjpe'] <= s['rr_mpjpe']),
+        rr_mpjpe_occluded=row(t['rr_mpjpe_occluded'], s['rr_mpjpe_occluded'],
+                              "< the single-frame model's on occluded frames (mm)",
+                              fin(t['rr_mpjpe_occluded']) and t['rr_mpjpe_occluded'] < s['rr_mpjpe_occluded']),
+        phase_accuracy=row(m['phase_accuracy'], 0.9, '>= 0.9', fin(m['phase_accuracy']) and m['phase_accuracy'] >= 0.9),
+    )
+    for what in ('wrist', 'joints'):   # judged against constant velocity from the single-frame model (the same input)
+        out[f'forecast_{what}'] = beats(m[f'forecast_{what}'], 'cv_single')
+        out[f'forecast_{what}_vs_labels'] = beats(m[f'forecast_{what}'], 'cv_labels')   # the labels' velocity: stricter
+    return out
+
+def verdict_table(v: dict, # `video_verdict`'s result
+                 ) -> str:
+    "The video targets as text: one line each, value, target, met or NOT met."
+    f = lambda x: '[' + ', '.join(f'{a:.2f}' for a in x) + ']' if isinstance(x, list) else f'{x:.3g}'
+    w = max(map(len, v))
+    return '\n'.join(f"{k:<{w}}  {f(r['value'])} vs {f(r['target'])} ({r['rule']}): {'met' if r['met'] else 'NOT met'}"
+                     for k, r in v.items())
+
 # %% ../nbs/10a_pipeline.ipynb #feeb94f1
 def debugging_note(folder: Path, # <run_dir>/debugging
                   ) -> str:
@@ -209,7 +248,7 @@ def run_pipeline(
     overrides: Sequence[str] = (), # dotted overrides, passed to every stage
     max_steps: int | None = None, # per stage (stage 1: per component)
     max_minutes: float | None = None, # per stage
-    stages: Sequence[str] = ('stage1', 'stage2', 'stage3', 'debugging'), # some of these, run in this order
+    stages: Sequence[str] = tuple(EXPERIMENTS), # some of these, in this order (video: when stages.video_epochs >= 1)
     log_output: bool = True, # relay what the stage notebooks print (log lines, tables)
     resume: bool = False, # continue the pipeline in `run_dir`: finished stages are kept, the interrupted one resumes
     verbose: bool = False, # papermill's log, every number of each log record, the debugging notebook's tables
@@ -234,16 +273,19 @@ def run_pipeline(
         'stage1': None,
         'stage2': str(s1) if 'stage1' in stages or s1.exists() else 'scratch',
         'stage3': str(run_dir / 'stage2' / 'checkpoints' / 'best.pt'),
+        'video': str(run_dir / 'stage3' / 'final_weights.pt'),
         'debugging': str(run_dir / 'stage3' / 'checkpoints' / 'best.pt'),
     }
     summary = dict(preset=str(preset), run_dir=str(run_dir), date=datetime.datetime.now().isoformat(timespec='seconds'),
                    commit=git_commit(PACKAGE_DIR), overrides=list(overrides), stages={})
     for st in stages:
         f = run_dir/st/'summary.json'
+        if st == 'video' and not cfg.stages.video_epochs:
+            print('[pipeline] video: off (stages.video_epochs=0), skipped', flush=True); continue
         gen_due = st == 'stage3' and cfg.stages.generative_epochs and not (run_dir/'generative'/'summary.json').exists()
         if resume and st != 'debugging' and f.exists() and not gen_due:   # stage 3's notebook also runs stage 4
             print(f'[pipeline] {st}: finished earlier, kept ({f})', flush=True)
-            summary['stages'][st] = json.loads(f.read_text()); continue
+            (summary if st == 'video' else summary['stages'])[st] = json.loads(f.read_text()); continue
         params = dict(
             preset=str(preset),
             overrides=list(overrides) + ['logging.verbose=true'] * verbose,
@@ -266,7 +308,7 @@ def run_pipeline(
             print(f'[pipeline] debugging: {debugging_note(run_dir / "debugging")}', flush=True)
             continue
         if not f.exists(): raise RuntimeError(f'{st} finished without writing {f}')
-        summary['stages'][st] = json.loads(f.read_text())
+        (summary if st == 'video' else summary['stages'])[st] = json.loads(f.read_text())   # video: beside stage 4's
     summary['minutes'] = (time.time() - t0) / 60
     g = run_dir/STAGE_NAMES[4]/'summary.json'
     if 'stage3' in stages and cfg.stages.generative_epochs and g.exists():
@@ -275,8 +317,12 @@ def run_pipeline(
         summary['final'] = summary['stages']['stage3']
         summary['learned'] = learned_verdict(summary['final'])
     (run_dir/'summary.json').write_text(json.dumps(summary, indent=2))
-    print(summary_table(summary['stages']), flush=True)
+    # the video stage's row: its steps, minutes and the temporal model's rr-MPJPE (on clips; its own table below)
+    print(summary_table({**summary['stages'], **({'video': summary['video']} if 'video' in summary else {})}),
+          flush=True)
     if 'generative' in summary: print(hypothesis_table(summary['generative']), flush=True)
+    if 'video' in summary:
+        print(video_table(summary['video']) + '\n' + verdict_table(summary['video']['targets']), flush=True)
     if 'learned' in summary:
         print(f"[pipeline] learned: {summary['learned']}  ({summary['minutes']:.1f} min)", flush=True)
     print(f"[pipeline] summary: {run_dir/'summary.json'}", flush=True)
@@ -307,6 +353,15 @@ def pipeline_disk_budget(cfg: DictConfig, # the pipeline's config (preset + over
         # stage 1: <component>.pt; 2, 3: init.pt + final_weights.pt
         keep = one * files + weights * (1 if stage == 1 else 2)
         rows.append(dict(run=f'{stage} {comp}' if comp else str(stage), one=one, files=files, bytes=keep))
+        total, largest = total + keep, max(largest, one)
+    if 'video' in stages and cfg.stages.video_epochs >= 1:   # each file of the video stage holds the frozen AMT too
+        t = stage_config(cfg, 'video').training
+        with torch.device('meta'): tm = TemporalModel(**temporal_model_args(cfg, int(cfg.video.forecast_horizon)))
+        tw = sum(p.numel() * p.element_size() for p in tm.parameters())
+        one = weights + 3 * tw                                              # the temporal model + its AdamW moments
+        files = periodic_kept(t.epochs, t.checkpoint_every_epochs, t.keep_checkpoints) + 2
+        keep = one * files + weights + tw                                   # + final_weights.pt
+        rows.append(dict(run='video', one=one, files=files, bytes=keep))
         total, largest = total + keep, max(largest, one)
     need = total + largest                                                  # + the file being written
     rd = Path(run_dir)
@@ -363,7 +418,7 @@ def _stage1_files(init_from, cfg: DictConfig, preset: str = 'smoke') -> dict:
 
 def _stage_start(stage: int, cfg: DictConfig, preset: str, run_dir: Path, init_from) -> Any:
     "What a stage starts from, checked first: 1: a checkpoint or None; 2: stage-1 files ({}: scratch); 3: a checkpoint."
-    if stage not in STAGE_NAMES: raise ValueError(f'stage must be 1, 2, 3 or 4, got {stage!r}')
+    if stage not in STAGE_NAMES: raise ValueError(f"stage must be 1, 2, 3, 4 or 'video', got {stage!r}")
     if init_from is not None and str(init_from) != 'scratch' and not Path(init_from).exists():
         raise FileNotFoundError(f'init_from={str(init_from)!r} does not exist (stage {stage} of {run_dir})')
     if stage == 1:
@@ -375,6 +430,13 @@ def _stage_start(stage: int, cfg: DictConfig, preset: str, run_dir: Path, init_f
         if str(init_from) == 'scratch': return {}
         return _stage1_files(run_dir/STAGE_NAMES[1] if init_from is None else init_from, cfg, preset)
     if init_from is not None and str(init_from) != 'scratch': return Path(init_from)
+    if stage == 'video':   # the frozen AMT of the temporal model: stage 3's weights file, as for stage 4
+        f = run_dir/STAGE_NAMES[3]/'final_weights.pt'
+        if not f.exists():
+            raise FileNotFoundError(f"the video stage trains the temporal model on stage 3's {f}, not found. "
+                                    f"{_make_stage(3, preset, run_dir)}; "
+                                    'or set init_from (--init-from) to an AMT weights file')
+        return f
     if stage == 4:   # the frozen AMT: stage 3's weights file (its best checkpoint's EMA weights)
         f = run_dir/STAGE_NAMES[3]/'final_weights.pt'
         if not f.exists():
@@ -432,7 +494,26 @@ def evaluate_pose_head(cfg: DictConfig, # stage 4's config (its model, generativ
     val_loader = build_dataloaders(cfg)[1] if cfg.data.cache else build_eval_loader(cfg, cfg.data.val_split)[1]
     return pose_hypothesis_measures(model.to(dev), load_pose_head(weights).to(dev), val_loader, cfg, dev)
 
-def run_stage(stage: int, # 1, 2, 3 or 4 (the pose-hypothesis head, `stages.generative_epochs` >= 1)
+def evaluate_video(cfg: DictConfig, # the video stage's config (`stage_config(cfg, 'video')`: video.*, its device)
+                   weights: str | os.PathLike, # a weights file of the video stage (`video_weights_file`)
+                   clips=None, # validation clip batches; None: the run's (`build_clip_loaders`)
+                  ) -> dict:
+    "The video stage's measures of a weights file (`video_measures`: mm, mm/frame²), `rr_mpjpe` and `targets` added."
+    dev = resolve_device(cfg.training.device)
+    clips = build_clip_loaders(cfg, progress='quiet')[1] if clips is None else clips
+    m = video_measures(load_video_model(weights).to(dev), clips, dev)
+    return dict(rr_mpjpe=m['temporal']['rr_mpjpe'], **m, targets=video_verdict(m))   # rr_mpjpe: the stage table's
+
+def evaluate_mask_head(cfg: DictConfig, # the mask run's config (`stage_config(cfg, 4, 'mask')`: seg cached)
+                       weights: str | os.PathLike, # a stage-4 weights file with a mask head (`add_mask_head`)
+                      ) -> dict:
+    "Stage 4's mask measures of a weights file on the validation data: `mask_measures` (IoU, ms)."
+    dev = resolve_device(cfg.training.device)
+    amt = load_model(weights, cfg)[0].to(dev) if cfg.generative.mask.features else None
+    val_loader = build_dataloaders(cfg)[1] if cfg.data.cache else build_eval_loader(cfg, cfg.data.val_split)[1]
+    return mask_measures(load_mask_head(weights, amt).to(dev), val_loader, cfg, dev)
+
+def run_stage(stage: int | str, # 1, 2, 3, 4 (the generative heads) or 'video' (the temporal model), 4 and video when on
               preset: str = 'smoke', # preset name or YAML path
               overrides: Sequence[str] = (), # dotted overrides
               run_dir: str | os.PathLike = 'runs/pipeline', # the pipeline folder; this stage writes <run_dir>/stage<N>/
@@ -491,6 +572,17 @@ def run_stage(stage: int, # 1, 2, 3 or 4 (the pose-hypothesis head, `stages.gene
         init = weights_file(start, sdir/'init.pt')
         cfg, ck = _train(stage_config(base, 3), sdir, init, max_minutes)
         final = weights_file(ck, sdir/'final_weights.pt')
+    elif stage == 'video':   # the temporal model and action decoder over clips, on the frozen AMT of `start`
+        cfg = apply_overrides(stage_config(base, 'video'), _limits(max_steps, max_minutes, headless), 'the video stage')
+        train_dl, val_dl = build_clip_loaders(cfg, run_dir=sdir, progress=progress_mode(cfg.logging.progress))
+        print(f'[video] starting from {start} (frozen); clips: {train_dl.source!r} for training, '
+              f'{len(val_dl.source)} for validation', flush=True)
+        final = train_video(cfg, start, sdir, train_dl, val_dl, resume=resume)
+        summary = dict(stage='video', steps=int(load_checkpoint(sdir/'checkpoints'/'last.pt').get('step', 0)),
+                       weights=str(final), amt_weights=str(start), **evaluate_video(cfg, final, val_dl))
+        summary['minutes'] = (time.time() - t0) / 60
+        (sdir/'summary.json').write_text(json.dumps(summary, indent=2))
+        return summary
     else:   # the pose-hypothesis head on the frozen AMT of `start`
         cfg = apply_overrides(stage_config(base, 4), _limits(max_steps, max_minutes, headless), 'stage 4')
         rd = train_pose_head(cfg, sdir, start, resume=resume)
@@ -498,6 +590,16 @@ def run_stage(stage: int, # 1, 2, 3 or 4 (the pose-hypothesis head, `stages.gene
         final = pose_weights_file(_final_checkpoint(rd), sdir/'final_weights.pt')
         summary = dict(stage=4, steps=steps, minutes=(time.time() - t0) / 60, weights=str(final),
                        amt_weights=str(start), **evaluate_pose_head(cfg, final))
+        if base.stages.generative_mask_epochs:   # then the MaskDiT run, into the same weights file
+            t1 = time.time()
+            mcfg = apply_overrides(stage_config(base, 4, 'mask'), _limits(max_steps, max_minutes, headless),
+                                   'stage 4 masks')
+            md = train_mask_dit(mcfg, sdir/'mask', start, resume=resume)
+            add_mask_head(final, _final_checkpoint(md))
+            summary['masks'] = dict(steps=int(load_checkpoint(md/'checkpoints'/'last.pt').get('step', 0)),
+                                    **evaluate_mask_head(mcfg, final))
+            summary['masks']['minutes'] = (time.time() - t1) / 60
+            summary['minutes'] = (time.time() - t0) / 60
         (sdir/'summary.json').write_text(json.dumps(summary, indent=2))
         return summary
     summary = dict(stage=stage, steps=steps, minutes=(time.time() - t0) / 60, weights=str(final),
@@ -511,7 +613,7 @@ def _parse_params(pairs: Sequence[Sequence[str]]) -> dict:
     "papermill-style `-p name value` pairs, values parsed as YAML scalars."
     return {k: yaml.safe_load(v) for k, v in pairs}
 
-def train_command(stage: int | None = None, # 1, 2, 3 or 4 (pose head): a stage of the recipe; None: plain training
+def train_command(stage: int | str | None = None, # 1, 2, 3, 4 (pose head) or 'video': a recipe stage; None: plain
                   preset: str | None = None, # preset name or YAML path (a stage: default smoke; resume: its own)
                   overrides: Sequence[str] = (), # dotted key=value overrides
                   run_dir: str | os.PathLike | None = None, # the run's folder (a stage: the pipeline folder)
@@ -537,10 +639,11 @@ def train_command(stage: int | None = None, # 1, 2, 3 or 4 (pose head): a stage 
                           'it continues the stage in --run-dir')
     if resume and not run_dir:
         raise ConfigError('--resume needs --run-dir: the pipeline folder holding the interrupted stage')
-    if stage in (2, 3, 4) and init_from is None and not run_dir:   # with --run-dir: the previous stage in it
-        prev = {2: 'stage 1 folder', 3: 'stage 2 best.pt', 4: 'stage 3 final_weights.pt'}[stage]
+    if stage in (2, 3, 4, 'video') and init_from is None and not run_dir:   # with --run-dir: the previous stage in it
+        prev = {2: 'stage 1 folder', 3: 'stage 2 best.pt', 4: 'stage 3 final_weights.pt',
+                'video': 'stage 3 final_weights.pt'}[stage]
         raise ConfigError(f"--stage {stage} needs --init-from ({prev}) "
-                          f"or the --run-dir of a pipeline folder holding stage {stage - 1}")
+                          f"or the --run-dir of a pipeline folder holding stage {3 if stage == 'video' else stage - 1}")
     preset, overrides = preset or 'smoke', [*overrides, *['logging.verbose=true'] * verbose]
     cfg = load_config(preset, overrides)                                    # the stage's one load
     validate_config(cfg, 'train', monitor_choices(cfg))                     # before any stage work starts
@@ -549,8 +652,11 @@ def train_command(stage: int | None = None, # 1, 2, 3 or 4 (pose head): a stage 
     run_dir = Path(run_dir or run_dir_name(cfg.name, 'pipeline'))
     s = run_stage(stage, preset, overrides, run_dir, init_from, max_steps, max_minutes,
                   headless=not sys.stdout.isatty(), resume=bool(resume), cfg=cfg)
-    print(hypothesis_table(s) if stage == 4 else summary_table({STAGE_NAMES[stage]: s}))
-    print(f'every number (per joint, per object, the guards): {run_dir.absolute()/STAGE_NAMES[stage]/"summary.json"}')
+    print(hypothesis_table(s) if stage == 4 else
+          video_table(s) + '\n' + verdict_table(s['targets']) if stage == 'video' else
+          summary_table({STAGE_NAMES[stage]: s}))
+    what = 'every number' + ('' if stage == 'video' else ' (per joint, per object, the guards)')
+    print(f'{what}: {run_dir.absolute()/STAGE_NAMES[stage]/"summary.json"}')
     return 0
 
 def notebook_parameters(nb: str | os.PathLike, # the .ipynb file

@@ -23,7 +23,8 @@ STAGE1_TERMS = {
     'object_encoder': ('object_position', 'object_rotation', 'object_class', 'kl'),
     'contact_encoder': ('contact', 'contact_point', 'kl'),
 }
-STAGE_NAMES = {1: 'stage1', 2: 'stage2', 3: 'stage3', 4: 'generative'}   # 4: the pose-hypothesis head (optional)
+# 4: the pose-hypothesis head (optional); 'video': the temporal model and action decoder over clips (optional)
+STAGE_NAMES = {1: 'stage1', 2: 'stage2', 3: 'stage3', 4: 'generative', 'video': 'video'}
 
 def _fmt(v) -> str:
     "A value as a dotted-override literal (mappings as YAML flow with plain keys: `{physics: {20: 0.0}}`)."
@@ -70,8 +71,8 @@ def _stage2_schedules(cfg: DictConfig) -> tuple[dict, dict]:
     return {**sched, **own_s}, {**ramps, **own_r}
 
 def stage_overrides(cfg: DictConfig, # the run's config (preset + user overrides)
-                    stage: int, # 1, 2 or 3
-                    component: str | None = None, # stage 1 only: the component trained in this phase
+                    stage: int | str, # 1, 2, 3, 4 or 'video'
+                    component: str | None = None, # stage 1: the component trained in this phase; stage 4: 'mask'
                    ) -> list[str]:
     "The dotted overrides that turn `cfg` into stage `stage` (and stage-1 `component`) of the recipe."
     s, w = cfg.stages, cfg.loss.weights
@@ -101,6 +102,12 @@ def stage_overrides(cfg: DictConfig, # the run's config (preset + user overrides
                 f'loss.weights.diversity={s.stage3_diversity}', f'loss.weights.physics={s.stage3_physics}',
                 'loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0',
                 f'training.hard_mining={_fmt(bool(s.stage3_hard_mining))}']
+    if stage == 4 and component == 'mask':   # stage 4's MaskDiT run: its epochs and lr; seg labels cached
+        if s.generative_mask_epochs < 1:
+            raise ConfigError(f'stages.generative_mask_epochs={s.generative_mask_epochs}: the mask run of stage 4 is '
+                              'off; set it to >= 1 to train the MaskDiT')
+        return [*stage_overrides(cfg, 4), f'training.epochs={s.generative_mask_epochs}',
+                f'training.lr={cfg.generative.mask.lr}', 'data.cache_maps=true']
     if stage == 4:   # only the pose-hypothesis head trains (amt_lib.learner.generative); the AMT is frozen
         if s.generative_epochs < 1:
             raise ConfigError(f'stages.generative_epochs={s.generative_epochs}: stage 4 (the pose-hypothesis head) '
@@ -109,10 +116,19 @@ def stage_overrides(cfg: DictConfig, # the run's config (preset + user overrides
                 f'training.freeze={_fmt(list(COMPONENTS))}',
                 f'training.lr={cfg.generative.pose.lr}', 'training.monitor=loss', 'training.ema_decay=0.0',
                 'training.hard_mining=false', 'loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0']
-    raise ValueError(f'stage must be 1, 2, 3 or 4, got {stage!r}')
+    if stage == 'video':   # only the temporal model trains (amt_lib.learner.video) on the frozen AMT; batches of clips
+        if s.video_epochs < 1:
+            raise ConfigError(f'stages.video_epochs={s.video_epochs}: the video stage is off; set it to >= 1 to train '
+                              'the temporal model over clips')
+        return [f'training.epochs={s.video_epochs}', f'training.freeze={_fmt(list(COMPONENTS))}',
+                f'training.lr={cfg.temporal.lr}', f'training.batch_size={cfg.video.batch_size}',
+                'training.monitor=loss', 'training.ema_decay=0.0', 'training.hard_mining=false',
+                'training.checkpoint_every_epochs=0',   # each file holds the frozen AMT too: best.pt and last.pt only
+                'loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0']
+    raise ValueError(f"stage must be 1, 2, 3, 4 or 'video', got {stage!r}")
 
 def stage_config(cfg: DictConfig, # the run's config (preset + user overrides), loaded once
-                 stage: int = 2, # 1, 2 or 3
+                 stage: int | str = 2, # 1, 2, 3, 4 or 'video'
                  component: str | None = None, # stage 1 only: the component trained in this phase
                 ) -> DictConfig:
     "The resolved config of one stage: the run's config with the recipe's overrides applied (`apply_overrides`)."
@@ -124,10 +140,12 @@ RECIPE_SOURCES = {
     'training.epochs': {1: 'stages.stage1_epochs (per component: stages.stage1_component_epochs)',
                         2: 'stages.stage2_epochs',
                         3: 'stages.stage3_epochs',
-                        4: 'stages.generative_epochs'},
+                        4: 'stages.generative_epochs',
+                        'video': 'stages.video_epochs'},
     'training.freeze': {1: 'stages.stage1_train_backbone (the other components are frozen by the recipe)'},
     'training.lr': {3: 'stages.stage3_lr_mult (stage 3 trains at training.lr x stages.stage3_lr_mult)',
-                    4: 'generative.pose.lr'},
+                    4: 'generative.pose.lr', 'video': 'temporal.lr'},
+    'training.batch_size': {'video': 'video.batch_size (clips per batch)'},
     'training.hard_mining': {3: 'stages.stage3_hard_mining'},
     'loss.weights.diversity': {2: 'stages.stage2_diversity', 3: 'stages.stage3_diversity'},
     'loss.weights.physics': {2: 'stages.stage2_physics_ramp', 3: 'stages.stage3_physics'},
@@ -136,7 +154,7 @@ RECIPE_SOURCES = {
 
 def recipe_replaces(base: DictConfig, # the run's config: preset + the user's overrides
                     overrides: Sequence[str], # the user's dotted overrides (their keys are compared)
-                    stage: int, # 1, 2 or 3
+                    stage: int | str, # 1, 2, 3, 4 or 'video'
                    ) -> list[str]:
     "One line per user override that the stage's recipe replaces: the value it trains with and the key that sets it."
     plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
@@ -154,7 +172,9 @@ def recipe_replaces(base: DictConfig, # the run's config: preset + the user's ov
         src = RECIPE_SOURCES.get(k, {}).get(stage)
         out.append(
             f'recipe replaces {k}={a} with {b}{where}: '
-            + (f'set {src} instead' if src else f"fixed by the stage-{stage} recipe (stage_overrides(cfg, {stage}))")
+            + (f'set {src} instead' if src else
+               f"fixed by the {'video-stage' if stage == 'video' else f'stage-{stage}'} recipe "
+               f"(stage_overrides(cfg, {stage!r}))")
         )
     return out
 
@@ -163,10 +183,12 @@ def recipe_replaces(base: DictConfig, # the run's config: preset + the user's ov
 DEXYCB_TRAIN_FRAMES = {'s0': 465_504}
 
 def steps_per_epoch(cfg: DictConfig, # a resolved run config (`data` and `training` sections)
+                    clips: bool = False, # count clips (`video.train_clips`; the video stage) instead of frames
                    ) -> tuple[int | None, bool]:
     "(optimiser steps per epoch, exact?) of the training split on one process; DexYCB with skip_no_hand: a bound."
     d, t = cfg.data, cfg.training
-    if d.source == 'synth': n, exact = int(d.train_size), True
+    if d.source == 'synth': n, exact = int(cfg.video.train_clips if clips else d.train_size), True
+    elif clips: return None, False   # DexYCB clips: as many as the windows of the split (`DexYCBClips`), known when read
     elif d.source == 'dexycb' and d.train_split == 'train' and d.setup in DEXYCB_TRAIN_FRAMES:
         n, exact = DEXYCB_TRAIN_FRAMES[d.setup], not d.skip_no_hand
     else: return None, False
@@ -190,20 +212,23 @@ def _weight_text(cfg: DictConfig, term: str) -> str:
 def recipe(preset: str = 'h200', # preset name or YAML path
            overrides: Sequence[str] = (), # dotted overrides, as for `amt pipeline`
           ) -> list[dict]:
-    "Every training run of the pipeline (stage-1 components, stage 2, stage 3) as resolved from its own config."
+    "Every training run of the pipeline (stage-1 components, stages 2 and 3, stages 4 and video when on) as resolved."
     base = load_config(preset, list(overrides))
     runs = [(1, c) for c in STAGE1_TERMS] + [(2, None), (3, None)]
+    if base.stages.generative_epochs >= 1:   # stage 4 when on: the pose head, then the MaskDiT run when on
+        runs += [(4, None)] + [(4, 'mask')] * (base.stages.generative_mask_epochs >= 1)
+    if base.stages.video_epochs >= 1: runs.append(('video', None))   # the video stage when on: after stage 3 (and 4)
     rows = []
     for stage, comp in runs:
         cfg = stage_config(base, stage, comp)
         t = cfg.training
-        spe, exact = steps_per_epoch(cfg)
+        spe, exact = steps_per_epoch(cfg, clips=stage == 'video')
         frozen = list(t.freeze)
         rows.append(
             dict(
                 stage=stage,
                 component=comp,
-                name=f'1 {comp}' if comp else str(stage),
+                name=f'{stage} {comp}' if comp else str(stage),
                 epochs=int(t.epochs),
                 steps_per_epoch=spe,
                 steps=None if spe is None else spe * int(t.epochs),
@@ -212,7 +237,7 @@ def recipe(preset: str = 'h200', # preset name or YAML path
                 lr_backbone=None if 'backbone' in frozen else float(t.lr * t.backbone_lr_mult),
                 backbone_frozen_layers=int(cfg.model.backbone.freeze_layers),
                 frozen=frozen,
-                weights={k: _weight_text(cfg, k) for k in LOSS_TERMS},
+                weights={k: '-' if stage == 'video' else _weight_text(cfg, k) for k in LOSS_TERMS},
                 refine_from_epoch=int(cfg.model.refine_from_epoch),
                 refine_steps=int(cfg.model.refine_steps),
                 hard_mining=float(t.hard_mining_share) if t.hard_mining else None,
@@ -293,4 +318,12 @@ def recipe_table(rows: list[dict], # one dict per training run: its `config` and
     ]
     note = (f"warm restarts count from the end of each run's warm-up ({c0.training.warmup_steps:,d} steps); "
             f"min lr {c0.training.min_lr:g}; steps for one GPU (DDP over N GPUs: N times fewer)")
+    vid = next((r['config'] for r in rows if r['stage'] == 'video'), None)
+    if vid is not None:   # the video stage trains the temporal model on its own objective, over clips
+        v = vid.video
+        note += (f"\nvideo: the temporal model (temporal.*) on the frozen AMT, batches of {v.batch_size} clips of "
+                 f"{v.clip_len} frames" + (f" ({v.train_clips:,d} SynthHOI video clips)" if vid.data.source == 'synth'
+                                           else f" (DexYCB windows, stride {v.stride}, frame step {v.frame_step})")
+                 + '; its loss (temporal.loss_weights): '
+                 + ', '.join(f'{k} {float(w):g}' for k, w in vid.temporal.loss_weights.items()))
     return f"{c0.name} recipe on {src}\n\n{fmt(out)}\n{note}\n\n{fmt(wt)}"

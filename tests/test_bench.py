@@ -16,7 +16,7 @@ def test_bench_yardsticks(tmp_path):
     assert 'parameters' not in D                                    # no AMT model built for these parts alone
     # FLOPs per stage: one figure per run of the recipe and the whole recipe, in TFLOP
     runs = [r['run'] for r in D['stage_flops']]
-    assert runs == ['1 hand_encoder', '1 object_encoder', '1 contact_encoder', '2', '3', 'total']
+    assert runs == ['1 hand_encoder', '1 object_encoder', '1 contact_encoder', '2', '3', '4', '4 mask', 'video', 'total']
     total = figs['training FLOPs, whole recipe']
     assert abs(total['value'] * 1e12 - sum(r['train_flops'] for r in D['stage_flops'][:-1])) < 1e3
     assert 'training FLOPs of the smoke recipe' in out.getvalue()

@@ -12,14 +12,18 @@ HEADERS_PER_RUN = 3        # `checkpoints: at most ...`, `amt train: <run> | ...
 HEADERS_PER_NOTEBOOK = 8   # `[pipeline] <stage>: running ...`, the recipe's overrides (one per stage-1 component), where it starts from, where the summary is
 HEADERS_PIPELINE = 4       # the disk budget, `learned`, where summary.json is, one spare
 HYPOTHESIS_TABLE_LINES = 7 # stage 4's table (`hypothesis_table`): title, header, N = 1, 5, 16, spread, sampling times
+MASK_TABLE_LINES = 8       # stage 4's mask table after it: a blank line, title, header, N = 1, 5, 16, per-class recall, times
+VIDEO_TABLE_LINES = 25     # the video stage's tables: its summary row, `video_table` (15 lines), `verdict_table` (8)
 
 def amt(*args, timeout=300):
     return subprocess.run([shutil.which('amt'), *args], capture_output=True, text=True, timeout=timeout)
 
 def training_runs(run_dir: Path) -> list[Path]:
-    "The folders of the pipeline's training runs (stage1/<component>, stage2, stage3, generative: stage 4)."
+    "The folders of the pipeline's training runs (stage1/<component>, stage2, stage3, stage 4's two, video)."
     return sorted(p.parent.parent for p in [*run_dir.glob('stage*/**/checkpoints/last.pt'),
-                                            *run_dir.glob('generative/checkpoints/last.pt')])
+                                            *run_dir.glob('generative/checkpoints/last.pt'),
+                                            *run_dir.glob('generative/mask/checkpoints/last.pt'),
+                                            *run_dir.glob('video/checkpoints/last.pt')])
 
 def line_budget(run_dir: Path) -> dict:
     "The most lines the console may have, from each training run's steps and its log_every / eval_every."
@@ -34,6 +38,8 @@ def line_budget(run_dir: Path) -> dict:
     events = sum(g['collapse_alarms'] + g['grad_flags'] for s in summaries.values() for g in s['guards'].values())  # alarm lines
     tables = 2 * len(summaries) + 1 + len(summaries)                                  # each stage notebook's, the pipeline's
     tables += 2 * HYPOTHESIS_TABLE_LINES * (run_dir/'generative'/'summary.json').exists()   # stage 4: stage 3's, the pipeline's
+    tables += 2 * MASK_TABLE_LINES * (run_dir/'generative'/'mask').is_dir()
+    tables += 2 * VIDEO_TABLE_LINES * (run_dir/'video'/'summary.json').exists()        # the video notebook's, the pipeline's
     fixed = HEADERS_PER_RUN * runs + HEADERS_PER_NOTEBOOK * len(EXPERIMENTS) + HEADERS_PIPELINE
     return dict(train=train, val=val, runs=runs, total=train + val + events + tables + fixed)
 
@@ -43,7 +49,7 @@ def test_pipeline_console_is_one_line_per_interval(pipeline_run):
     for s in NOISE: assert s not in text, f'{s!r} on the console'
     assert not re.search(r'\n[ \t]*\n[ \t]*\n', '\n' + text), 'a run of blank lines'
     b = line_budget(run_dir)
-    assert b['runs'] == 6                                              # 3 stage-1 components, stages 2 and 3, stage 4
+    assert b['runs'] == 8                                    # 3 stage-1 components, stages 2, 3, stage 4's two runs, video
     lines = text.splitlines()
     train = [l for l in lines if l.startswith('[train] ')]
     assert len(train) == b['train'] and all(' | ETA ' in l and ' samples/s' in l for l in train), train[:3]

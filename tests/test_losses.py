@@ -159,16 +159,6 @@ def test_kl_is_the_models_sigma_reparam_regulariser(cfg):
     assert AMTLoss(cfg)(fake_outputs(), fake_batch())['kl'].item() == 0.   # no model: 0
 
 
-def test_temporal_pairs(cfg):
-    crit = AMTLoss(cfg)
-    batch, out = fake_batch(), fake_outputs(grad=False)   # frames 0, 2, 4: no consecutive pair
-    assert crit(out, batch)['temporal'].item() == 0.
-    batch['meta'] = {**batch['meta'], 'frame': torch.tensor([7, 8, 9])}
-    assert crit(out, batch)['temporal'].item() > 0.
-    batch['meta'] = {**batch['meta'], 'serial': ['a', 'b', 'c']}     # other cameras: not a sequence
-    assert crit(out, batch)['temporal'].item() == 0.
-
-
 def test_optimising_the_predictions_lowers_every_data_term(cfg):
     "Gradient descent on free predictions drives every term that compares them with labels down."
     torch.manual_seed(0)

@@ -144,7 +144,7 @@ def test_full_loss_trains_every_parameter():
     from torch.utils.data import default_collate
     from amt_lib.data.synthetic import SynthHOI
     from amt_lib.losses import AMTLoss, LOSS_TERMS
-    cfg = load_config('smoke', [f'loss.weights.{t}=1.0' for t in LOSS_TERMS])    # every term on, temporal included
+    cfg = load_config('smoke', [f'loss.weights.{t}=1.0' for t in LOSS_TERMS])    # every term on
     assert cfg.model.refine_steps >= 1 and not cfg.training.ddp_find_unused and cfg.training.guards
     assert not load_config('base').training.ddp_find_unused
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def test_full_loss_trains_every_parameter():
     b = default_collate([SynthHOI.from_config(cfg, 'train')[i] for i in range(4)])
     assert b['hand_valid'].all() and b['obj_valid'].any() and (b['contact'] > 0).any()   # hands, objects, contacts
     res = AMTLoss(cfg)(model(b['image'], b['K']), b, model)
-    assert all(res[t] > 0 for t in ('confidence', 'contact_point', 'temporal')), {t: float(res[t]) for t in LOSS_TERMS}
+    assert all(res[t] > 0 for t in ('confidence', 'contact_point')), {t: float(res[t]) for t in LOSS_TERMS}
     res['loss'].backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not dead, f'parameters without gradient: {dead}'

@@ -23,13 +23,15 @@ def test_every_notebook_ran_without_error(pipeline_run):
 def test_debugging_notebook_figures(pipeline_run):
     "Each debugging figure is shown once in the executed notebook and saved as a PNG; the plotly 3D view carries a static PNG."
     run_dir, _ = pipeline_run
-    for name in ('diversity', 'activations', 'grad_norms', 'dead_units', 'attention', 'worst_samples', 'hand_object_3d'):
+    # the smoke pipeline runs stage 4 (pose head and MaskDiT): its hypotheses and masks are drawn too
+    for name in ('diversity', 'activations', 'grad_norms', 'dead_units', 'attention', 'worst_samples', 'hand_object_3d',
+                 'pose_hypotheses', 'mask_samples'):
         assert (run_dir/'debugging'/f'{name}.png').read_bytes()[:4] == b'\x89PNG', name
     nb = nbformat.read(run_dir/'debugging.ipynb', as_version=4)
     outs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []) if 'data' in o]
     plotly = [o for o in outs if 'application/vnd.plotly.v1+json' in o['data']]
     assert len(plotly) == 1 and 'image/png' in plotly[0]['data'], [list(o['data']) for o in outs]
-    assert sum('image/png' in o['data'] for o in outs) == 7, [list(o['data']) for o in outs]   # 6 figures + the 3D view
+    assert sum('image/png' in o['data'] for o in outs) == 9, [list(o['data']) for o in outs]   # 8 figures + the 3D view
 
 def test_stages_wrote_checkpoints_and_metrics(pipeline_run):
     run_dir, _ = pipeline_run
@@ -172,6 +174,8 @@ def test_recipe_h200_table():
     assert s3['weights']['diversity'] == '0.03' and s3['weights']['physics'] == '0.086'
     assert s3['hard_mining'] == 0.3 and s2['hard_mining'] is None
     spe = 465_504 // 32 // 2 + 1                                                 # batches of 32, 2 per optimiser step
+    v = r.pop('video')                          # DexYCB clips: how many windows an epoch has is known only with the data
+    assert v['epochs'] == 20 and (v['steps_per_epoch'], v['steps']) == (None, None)
     for x in r.values():
         assert (x['steps_per_epoch'], x['steps_exact'], x['steps']) == (spe, False, spe * x['epochs'])   # <= : skip_no_hand
         assert (x['T_0_epochs'], x['T_0_steps'], x['eval_every'], x['checkpoint_every_epochs'], x['keep_checkpoints']) == \

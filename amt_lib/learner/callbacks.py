@@ -193,38 +193,52 @@ class SchedulerCB(Callback):
 
 # %% ../../nbs/09d_learner.callbacks.ipynb #c5febaa1
 class EMACB(Callback):
-    "Keep `learn.ema_model`, an exponential moving average of the (unwrapped) model's weights; buffers are copied."
+    "Keep `learn.ema_model`, an exponential moving average of the (unwrapped) model's float weights and buffers."
     order = 40
     state_key = 'ema'
     def __init__(self,
                  decay: float = 0.999, # target EMA decay per optimiser step
                  warmup: int = 100, # steps over which the decay ramps up (0: none)
                  model: nn.Module | None = None, # start the average now from this model (None: at `before_fit`)
+                 every: int = 1, # average every this many optimiser steps, with the decay of that many steps
                 ):
-        self.decay, self.warmup, self.ema = decay, warmup, None
+        if int(every) < 1: raise ValueError(f'training.ema_every={every}: expected an integer >= 1')
+        self.decay, self.warmup, self.every, self.ema, self._lists = decay, warmup, int(every), None, None
         if model is not None: self.setup(model)
     def setup(self, model: nn.Module):
         "Start the average from a copy of `model`."
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ema, self._lists = copy.deepcopy(model).eval().requires_grad_(False), None
         return self.ema
     def before_fit(self, learn):
         if self.ema is None: self.setup(learn.raw_model)
         p = next(learn.raw_model.parameters(), None)
         if p is not None: self.ema.to(p.device)
-        learn.ema_model = self.ema
+        learn.ema_model, self._lists = self.ema, None     # `.to()` may have replaced buffers: pair them again
+    def _slots(self, model: nn.Module):
+        "(EMA module, model module, name, is parameter) of every weight: found once per model, not at every step."
+        if self._lists is None or self._lists[0] is not model:
+            # same order as the model's: the EMA is its deep copy
+            mods = list(zip(self.ema.modules(), model.modules()))
+            self._lists = (model, [(e, m, n, True) for e, m in mods for n, p in m._parameters.items() if p is not None]
+                                  + [(e, m, n, False) for e, m in mods for n, b in m._buffers.items() if b is not None])
+        return self._lists[1]
     @torch.no_grad()
     def after_step(self, learn):
-        d = ema_decay_at(learn.step_count, self.decay, self.warmup)
-        # same order as the model's: the EMA is its deep copy
-        ema = [*self.ema.parameters(), *self.ema.buffers()]
-        src = [*learn.raw_model.parameters(), *learn.raw_model.buffers()]
-        fl = [i for i, v in enumerate(ema) if v.is_floating_point()]
-        # one fused pass, not a state_dict a step
-        torch._foreach_lerp_([ema[i] for i in fl], [src[i].detach().to(ema[i].dtype) for i in fl], 1 - d)
-        for i, v in enumerate(ema):
-            if not v.is_floating_point(): v.copy_(src[i])
+        if learn.step_count % self.every: return
+        w = 1 - ema_decay_at(learn.step_count, self.decay, self.warmup) ** self.every
+        avg, src, seen = [], [], set()
+        # looked up at each step: a layer may replace a buffer (σReparam's power iteration does)
+        for e, m, n, is_param in self._slots(learn.raw_model):
+            t, s = (e._parameters[n], m._parameters[n]) if is_param else (e._buffers[n], m._buffers[n])
+            if id(s) in seen: continue                     # a weight shared by two layers: once
+            seen.add(id(s))
+            if not t.is_floating_point(): t.copy_(s)
+            # a parameter that does not train keeps the value the copy started from: skipped
+            elif not is_param or s.requires_grad: avg.append(t); src.append(s.detach().to(t.dtype))
+        torch._foreach_lerp_(avg, src, w)                  # one fused pass, not a state_dict a step
     def state_dict(self): return self.ema.state_dict()
     def load_state_dict(self, sd): self.ema.load_state_dict(sd)
+
 
 # %% ../../nbs/09d_learner.callbacks.ipynb #4861323c
 class EvalCB(Callback):

@@ -323,7 +323,7 @@ def build_learner(cfg: DictConfig, # the run's config
     cbs = [DeviceCB(device), DDPCB(tc.ddp_find_unused), nonfinite, AccumulateCB(tc.accumulation),
            GradClipCB(tc.grad_clip), SchedulerCB(sched), StopCB(tc.max_steps, tc.max_minutes), Recorder(tc.log_every)]
     if dtype is not None: cbs.append(MixedPrecisionCB(device.type, dtype))
-    if tc.ema_decay > 0: cbs.append(EMACB(tc.ema_decay, tc.ema_warmup, model))
+    if tc.ema_decay > 0: cbs.append(EMACB(tc.ema_decay, tc.ema_warmup, model, tc.ema_every))
     cbs.append(RefineSwitchCB(cfg.model.refine_from_epoch))
     # mode-collapse alarm + gradient monitor (guard/* metrics)
     if tc.guards and main: cbs += guard_callbacks(tc.log_every)

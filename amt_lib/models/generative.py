@@ -16,9 +16,9 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from .dit import DiT
 
 # %% auto #0
-__all__ = ['FLOW_PATHS', 'ODE_SOLVERS', 'TIME_SCALE', 'DIFFUSION_SCHEDULERS', 'make_prob_path', 'FlowMatchingProcess',
-           'DiffusionProcess', 'make_process', 'PoseHypothesisHead', 'coordinate_grid', 'MaskDiT', 'build_pose_head',
-           'build_mask_dit']
+__all__ = ['FLOW_PATHS', 'ODE_SOLVERS', 'TIME_SCALE', 'DIFFUSION_SCHEDULERS', 'PREDICTION_TYPES', 'MASK_CLASSES',
+           'make_prob_path', 'FlowMatchingProcess', 'DiffusionProcess', 'make_process', 'PoseHypothesisHead',
+           'coordinate_grid', 'MaskDiT', 'build_pose_head', 'build_mask_dit']
 
 # %% ../../nbs/07i_models.generative.ipynb #60dfeab9
 FLOW_PATHS = ('condot', 'cosine', 'vp', 'linear_vp')
@@ -88,6 +88,7 @@ class FlowMatchingProcess:
 
 # %% ../../nbs/07i_models.generative.ipynb #c492478d
 DIFFUSION_SCHEDULERS = ('ddim', 'ddpm')
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')   # what the network predicts (diffusers' prediction_type)
 
 class DiffusionProcess:
     "Diffusion with diffusers: DDPM training (noise to a random step, predict the noise), DDIM or DDPM sampling."
@@ -100,25 +101,31 @@ class DiffusionProcess:
                  beta_schedule:str='squaredcos_cap_v2', # diffusers' beta_schedule
                  timestep_spacing:str='leading', # diffusers' timestep_spacing for sampling: leading | trailing | linspace
                  clip_sample:float|None=None, # clip the predicted clean sample to ±this; None: no clipping
+                 prediction_type:str='epsilon', # the network's target, one of PREDICTION_TYPES
                 ):
         if scheduler not in DIFFUSION_SCHEDULERS:
             raise ValueError(f'generative.diffusion.scheduler={scheduler!r}: expected one of '
                              f'{" | ".join(DIFFUSION_SCHEDULERS)}')
         if not 1 <= steps <= train_timesteps:
             raise ValueError(f'generative.diffusion.steps={steps}: expected 1..train_timesteps={train_timesteps}')
-        self.scheduler, self.steps, self.eta = scheduler, steps, eta
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f'generative.diffusion.prediction_type={prediction_type!r}: expected one of '
+                             f'{" | ".join(PREDICTION_TYPES)}')
+        self.scheduler, self.steps, self.eta, self.prediction_type = scheduler, steps, eta, prediction_type
         self.train_scheduler = DDPMScheduler(num_train_timesteps=train_timesteps, beta_schedule=beta_schedule,
-                                             prediction_type='epsilon', clip_sample=clip_sample is not None,
+                                             prediction_type=prediction_type, clip_sample=clip_sample is not None,
                                              clip_sample_range=clip_sample or 1., timestep_spacing=timestep_spacing)
         self.train_timesteps = train_timesteps
 
     def training_example(self, x1:Tensor, # (B,...) data
                          generator:torch.Generator|None=None, # for the noise and the steps
-                        ) -> tuple[Tensor, Tensor, Tensor]: # x_t (B,...), t (B,) int64 steps, target noise (B,...)
-        "`x1` noised to a random step, the step and the noise."
+                        ) -> tuple[Tensor, Tensor, Tensor]: # x_t (B,...), t (B,) int64 steps, target (B,...)
+        "`x1` noised to a random step, the step and the target: the noise, the velocity or `x1` (`prediction_type`)."
         noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         t = torch.randint(0, self.train_timesteps, (x1.shape[0],), generator=generator, device=x1.device)
-        return self.train_scheduler.add_noise(x1, noise, t), t, noise
+        target = {'epsilon': noise, 'sample': x1}.get(self.prediction_type)
+        if target is None: target = self.train_scheduler.get_velocity(x1, noise, t)   # v = sqrt(ab) eps - sqrt(1-ab) x1
+        return self.train_scheduler.add_noise(x1, noise, t), t, target
 
     def timestep_input(self, t:Tensor, # (B,) diffusion steps
                       ) -> Tensor: # (B,) the DiT's time input, 0..train_timesteps-1
@@ -128,7 +135,7 @@ class DiffusionProcess:
     def loss(self, pred:Tensor, # (B,...) predicted noise
              target:Tensor, # (B,...) `training_example`'s noise
             ) -> Tensor: # () mean squared error
-        "DDPM's simple loss: the squared error of the noise."
+        "DDPM's simple loss: the squared error of the target (the noise unless `prediction_type` says otherwise)."
         return F.mse_loss(pred.float(), target.float())
 
     def sampler(self) -> DDIMScheduler | DDPMScheduler:
@@ -157,6 +164,7 @@ class DiffusionProcess:
 
 # %% ../../nbs/07i_models.generative.ipynb #5f636d6e
 def make_process(cfg, # the `generative` section of a config
+                 prediction_type:str|None=None, # diffusion: this target instead of diffusion.prediction_type
                 ) -> FlowMatchingProcess | DiffusionProcess:
     "The generative process `cfg.backend` names, configured by its section."
     if cfg.backend == 'flow_matching':
@@ -168,7 +176,8 @@ def make_process(cfg, # the `generative` section of a config
         return DiffusionProcess(scheduler=d.scheduler, steps=int(d.steps), eta=float(d.eta),
                                 train_timesteps=int(d.train_timesteps), beta_schedule=d.beta_schedule,
                                 timestep_spacing=d.timestep_spacing,
-                                clip_sample=None if d.clip_sample is None else float(d.clip_sample))
+                                clip_sample=None if d.clip_sample is None else float(d.clip_sample),
+                                prediction_type=prediction_type or d.prediction_type)
     raise ValueError(f'generative.backend={cfg.backend!r}: expected flow_matching | diffusion')
 
 # %% ../../nbs/07i_models.generative.ipynb #c3f10962
@@ -224,29 +233,41 @@ def coordinate_grid(size:int, # pixels per side
     y, x = torch.meshgrid(c, c, indexing='ij')
     return torch.stack([x, y])
 
+MASK_CLASSES = ('hand', 'object')   # the MaskDiT's channels: the hand, any object
+
 class MaskDiT(nn.Module):
     "Hand and object masks from the crop: a grid-mode DiT over [context channels | coordinates | noisy masks]."
     def __init__(self, *,
                  process:FlowMatchingProcess|DiffusionProcess, # how it is trained and sampled (`make_process`)
                  size:int=64, # mask side, pixels
                  patch_size:int=4, # DiT patch side, pixels
-                 context_channels:int=3, # channels of the context image (RGB crop)
-                 mask_channels:int=2, # generated masks: hand, object
+                 context_channels:int=3, # channels of the context: the RGB crop (+ feature channels)
+                 mask_channels:int=len(MASK_CLASSES), # generated masks: hand, object
                  dim:int=128, # DiT width
                  depth:int=4, # DiT blocks
                  num_heads:int=4, # attention heads
                 ):
         super().__init__()
         self.process, self.size, self.mask_channels = process, size, mask_channels
+        self.context_channels = context_channels
         self.register_buffer('coords', coordinate_grid(size), persistent=False)   # (2,S,S)
         self.dit = DiT(in_channels=context_channels + 2 + mask_channels, out_channels=mask_channels, dim=dim,
                        depth=depth, num_heads=num_heads, grid_size=size, patch_size=patch_size)
 
-    def context_input(self, image:Tensor, # (B,C,H,W) crop, any size
-                     ) -> Tensor: # (B,C,S,S)
-        "The crop resized to the mask grid."
-        if image.shape[-2:] == (self.size, self.size): return image
-        return F.interpolate(image, size=(self.size, self.size), mode='bilinear', align_corners=False, antialias=True)
+    def context_input(self, image:Tensor, # (B,3,H,W) crop, any size
+                      features:Tensor|None=None, # (B,D,h,w) feature maps of the crop (the frozen AMT's), or None
+                     ) -> Tensor: # (B,context_channels,S,S)
+        "The crop resized to the mask grid, and the feature maps upsampled to it after it when given."
+        S = (self.size, self.size)
+        c = [image if image.shape[-2:] == S else
+             F.interpolate(image, size=S, mode='bilinear', align_corners=False, antialias=True)]
+        if features is not None:
+            c.append(F.interpolate(features.to(image.dtype), size=S, mode='bilinear', align_corners=False))
+        c = torch.cat(c, 1)
+        if c.shape[1] != self.context_channels:
+            raise ValueError(f'MaskDiT expects {self.context_channels} context channels (image + features), got '
+                             f'{c.shape[1]}: give the feature maps exactly when generative.mask.features is true')
+        return c
 
     def forward(self, x_t:Tensor, # (B,M,S,S) noisy masks in [-1,1] units
                 t:Tensor, # (B,) time input
@@ -256,26 +277,30 @@ class MaskDiT(nn.Module):
         return self.dit(torch.cat([context, self.coords.expand(B, -1, -1, -1).to(x_t.dtype), x_t], 1), t)
 
     def loss(self, masks:Tensor, # (B,M,S,S) target masks, 0..1
-             image:Tensor, # (B,C,H,W) crop
+             image:Tensor, # (B,3,H,W) crop
              generator:torch.Generator|None=None, # for the training example
+             features:Tensor|None=None, # (B,D,h,w) feature maps, when the context has them
             ) -> Tensor: # () the process's loss
         "The generative loss on one noised copy of each mask stack."
         x_t, t, target = self.process.training_example(masks * 2 - 1, generator)
-        return self.process.loss(self(x_t, self.process.timestep_input(t), self.context_input(image)), target)
+        return self.process.loss(self(x_t, self.process.timestep_input(t), self.context_input(image, features)),
+                                 target)
 
     @torch.no_grad()
-    def sample(self, image:Tensor, # (B,C,H,W) crop
+    def sample(self, image:Tensor, # (B,3,H,W) crop
                n:int, # samples per image
                *,
                steps:int|None=None, # solver / sampler steps; None: the process's
                generator:torch.Generator|None=None, # for the noise
+               features:Tensor|None=None, # (B,D,h,w) feature maps, when the context has them
               ) -> Tensor: # (B,n,M,S,S) mask probabilities 0..1
         "n mask stacks per image."
         B, M, S = image.shape[0], self.mask_channels, self.size
-        ctx = self.context_input(image).repeat_interleave(n, 0)              # (B·n,C,S,S)
+        ctx = self.context_input(image, features).repeat_interleave(n, 0)      # (B·n,C,S,S)
         x = self.process.sample(lambda x, t: self(x, t, ctx), (B * n, M, S, S), steps=steps, generator=generator,
                                 device=image.device)
         return ((x.view(B, n, M, S, S) + 1) / 2).clamp(0, 1)
+
 
 # %% ../../nbs/07i_models.generative.ipynb #f96a6050
 def build_pose_head(cfg, # a config from `load_config` (uses `generative`)
@@ -289,7 +314,7 @@ def build_pose_head(cfg, # a config from `load_config` (uses `generative`)
                               num_heads=int(p.num_heads), joint_scale=float(p.joint_scale))
 
 def build_mask_dit(cfg, # a config from `load_config` (uses `generative`)
-                   context_channels:int=3, # channels of the context image
+                   feature_channels:int=0, # width D of the AMT's feature maps: context when generative.mask.features
                   ) -> MaskDiT:
     "The mask DiT described by `cfg.generative`."
     g, m = cfg.generative, cfg.generative.mask
@@ -297,5 +322,9 @@ def build_mask_dit(cfg, # a config from `load_config` (uses `generative`)
         raise ValueError(f'generative.mask.size={m.size} is not a multiple of generative.mask.patch_size={m.patch_size}')
     if m.dim % m.num_heads or m.dim % 4:
         raise ValueError(f'generative.mask.dim={m.dim} must be a multiple of 4 and of generative.mask.num_heads={m.num_heads}')
-    return MaskDiT(process=make_process(g), size=int(m.size), patch_size=int(m.patch_size),
-                   context_channels=context_channels, dim=int(m.dim), depth=int(m.depth), num_heads=int(m.num_heads))
+    if m.features and feature_channels < 1:
+        raise ValueError('generative.mask.features=true: give the width of the AMT feature maps (feature_channels)')
+    return MaskDiT(process=make_process(g, m.prediction_type), size=int(m.size), patch_size=int(m.patch_size),
+                   context_channels=3 + (int(feature_channels) if m.features else 0), dim=int(m.dim),
+                   depth=int(m.depth), num_heads=int(m.num_heads))
+
