@@ -430,19 +430,12 @@ def _stage_start(stage: int, cfg: DictConfig, preset: str, run_dir: Path, init_f
         if str(init_from) == 'scratch': return {}
         return _stage1_files(run_dir/STAGE_NAMES[1] if init_from is None else init_from, cfg, preset)
     if init_from is not None and str(init_from) != 'scratch': return Path(init_from)
-    if stage == 'video':   # the frozen AMT of the temporal model: stage 3's weights file, as for stage 4
+    if stage in (4, 'video'):   # a head on the frozen AMT: stage 3's weights file (its best checkpoint's EMA weights)
         f = run_dir/STAGE_NAMES[3]/'final_weights.pt'
         if not f.exists():
-            raise FileNotFoundError(f"the video stage trains the temporal model on stage 3's {f}, not found. "
-                                    f"{_make_stage(3, preset, run_dir)}; "
+            what = 'stage 4 trains the pose head' if stage == 4 else 'the video stage trains the temporal model'
+            raise FileNotFoundError(f"{what} on stage 3's {f}, not found. {_make_stage(3, preset, run_dir)}; "
                                     'or set init_from (--init-from) to an AMT weights file')
-        return f
-    if stage == 4:   # the frozen AMT: stage 3's weights file (its best checkpoint's EMA weights)
-        f = run_dir/STAGE_NAMES[3]/'final_weights.pt'
-        if not f.exists():
-            raise FileNotFoundError(f"stage 4 trains the pose head on stage 3's {f}, not found. "
-                                    f"{_make_stage(3, preset, run_dir)}; "
-                                    'or set init_from (--init-from) to a weights file')
         return f
     try: return _final_checkpoint(run_dir/STAGE_NAMES[2])
     except FileNotFoundError:

@@ -26,7 +26,7 @@ from .checkpoint import *
 from .optim import param_groups, make_scheduler
 from .reporting import progress_mode
 from .runs import load_model, save_run_config, prepare_run_dir
-from .train import (run_callbacks, ResumableLoader, optimiser_steps, total_steps, scheduler_period, close_callbacks,
+from .train import (run_callbacks, train_head, ResumableLoader, optimiser_steps, total_steps, scheduler_period, close_callbacks,
                     NonFiniteLossError, TrainingStopped)
 
 # %% auto #0
@@ -168,30 +168,10 @@ def build_pose_learner(cfg: DictConfig, # the stage's config (`stage_config(cfg,
 
 def _train_head(cfg: DictConfig, run_dir: Path, build: Callable, what: str, resume: bool) -> Path:
     "Train a stage-4 head in `run_dir` with the Learner `build(cfg, run_dir, ckpt)` makes; continue from last.pt."
-    run_dir, ckpt = Path(run_dir), None
-    last = run_dir/'checkpoints'/'last.pt'
-    if resume and last.exists():
-        ckpt = require_checkpoint(load_checkpoint(last), last, ('model', 'config', 'optimizer', 'sampler', 'rng'))
-        check_checkpoint_config(ckpt, cfg, last)
-    prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=resume and ckpt is None)
-    save_run_config(cfg, run_dir)
-    clean_stale_tmp(run_dir/'checkpoints')
-    seed_everything(int(cfg.seed))
-    learn = build(cfg, run_dir, ckpt)
-    try:
-        if ckpt is not None and learn.step_count >= learn.total_steps:
-            print(f'[stage 4] {last} is at step {learn.step_count} of {learn.total_steps}: finished, kept', flush=True)
-            return run_dir
+    def describe(learn) -> tuple[str, str]:
         n = sum(p.numel() for p in learn.raw_model.head.parameters())
-        print(f"[stage 4] {what} ({cfg.generative.backend}, {n / 1e6:.2f}M params) | "
-              f"{learn.device} {learn.dtype or 'fp32'} | {learn.total_steps} steps of batch {cfg.training.batch_size}"
-              + (f" from step {ckpt['step']}" if ckpt else ''), flush=True)
-        learn.fit(cfg.training.epochs, **learn.resume_pos)
-    finally: close_callbacks(learn)
-    if learn.failed: raise NonFiniteLossError(f'{learn.stop_reason} (stage 4, {run_dir})')
-    if (stop := learn.cb(StopCB)) is not None and stop.signal:
-        raise TrainingStopped(f'{learn.stop_reason} at step {learn.step_count}; saved {last}; continue with resume')
-    return run_dir
+        return f'{what} ({cfg.generative.backend}, {n / 1e6:.2f}M params)', f'batch {cfg.training.batch_size}'
+    return train_head(cfg, run_dir, build, describe, 'stage 4', resume)
 
 def train_pose_head(cfg: DictConfig, # the stage's config (`stage_config(cfg, 4)` with the run limits)
                     run_dir: str | os.PathLike, # the run's folder (<run_dir>/generative)

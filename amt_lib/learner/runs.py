@@ -20,7 +20,7 @@ from .checkpoint import (load_checkpoint, save_checkpoint, require_checkpoint, c
 # %% auto #0
 __all__ = ['RUN_OUTPUTS', 'run_dir_name', 'default_run_dir', 'save_run_config', 'prepare_run_dir', 'resume_config',
            'ema_state_dict', 'component_prefixes', 'load_component_weights', 'weights_file', 'merge_component_weights',
-           'load_model', 'load_init_weights', 'pose_weights_file', 'load_pose_head']
+           'load_model', 'load_init_weights', 'head_weights_file', 'pose_weights_file', 'load_pose_head']
 
 # %% ../../nbs/09g_learner.runs.ipynb #a87e8ecc
 def run_dir_name(*parts: str, # name parts joined by '-': the preset name, then e.g. 'pipeline'
@@ -212,20 +212,29 @@ def load_init_weights(model: nn.Module, # the new run's model, weights loaded in
     return model
 
 # %% ../../nbs/09g_learner.runs.ipynb #703aad7c
+def head_weights_file(ckpt_path: str | os.PathLike, # a checkpoint of a head trained on the frozen AMT (stage 4, video)
+                      out: str | os.PathLike, # the weights file to write
+                      prefix: str, # the head's prefix in the checkpoint's model: 'head.' (stage 4), 'temporal.' (video)
+                      key: str, # the weights file's entry for the head: 'pose_head', 'temporal'
+                      what: str, # the run, named in the error: 'stage-4', 'video-stage'
+                      carry: Sequence[str] = (), # checkpoint entries copied as they are (e.g. 'temporal_args')
+                     ) -> Path:
+    "Write a weights file of the AMT (`model`, as any AMT weights file) and the head (`key`) from its run's checkpoint."
+    ck = require_checkpoint(load_checkpoint(ckpt_path), ckpt_path, ('model', 'config', *carry))
+    sd = ck['model']
+    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    amt, head = part('amt.'), part(prefix)
+    if not head or len(amt) + len(head) != len(sd):
+        raise CheckpointError(f'{ckpt_path} is not a {what} checkpoint (a frozen AMT under amt.*, the head under {prefix}*)')
+    return save_checkpoint(dict(model=amt, **{key: head}, **{k: ck[k] for k in carry}, config=ck['config'],
+                                commit=ck.get('commit', 'unknown'), model_args=ck.get('model_args'),
+                                step=int(ck.get('step', 0)), trained=[key], source=str(ckpt_path)), out)
+
 def pose_weights_file(ckpt_path: str | os.PathLike, # a stage-4 checkpoint (…/generative/checkpoints/best.pt)
                       out: str | os.PathLike, # the weights file to write
                      ) -> Path:
     "Write a weights file of the AMT (`model`) and its trained pose head (`pose_head`) from a stage-4 checkpoint."
-    ck = require_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
-    sd = ck['model']
-    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-    amt, head = part('amt.'), part('head.')
-    if not head or len(amt) + len(head) != len(sd):
-        raise CheckpointError(f'{ckpt_path} is not a stage-4 checkpoint '
-                              '(a frozen AMT under amt.*, the head under head.*)')
-    return save_checkpoint(dict(model=amt, pose_head=head, config=ck['config'], commit=ck.get('commit', 'unknown'),
-                                model_args=ck.get('model_args'), step=int(ck.get('step', 0)), trained=['pose_head'],
-                                source=str(ckpt_path)), out)
+    return head_weights_file(ckpt_path, out, 'head.', 'pose_head', 'stage-4')
 
 def load_pose_head(path: str | os.PathLike, # a weights file with a trained pose head (`pose_weights_file`)
                   ) -> PoseHypothesisHead: # in eval mode, on the CPU

@@ -31,7 +31,7 @@ __all__ = ['VAL_LOG_KEYS', 'RESUME_REFUSED', 'RESUME_LR_KEYS', 'shard_batch', 'R
            'TrainingStopped', 'amt_predict', 'AMTObjective', 'optimiser_steps', 'total_steps', 'scheduler_period',
            'RefineSwitchCB', 'HardMiningCB', 'run_callbacks', 'AMTLearner', 'build_learner', 'check_resume',
            'apply_resume_overrides', 'NothingToTrain', 'check_steps_left', 'close_callbacks', 'write_data_reports',
-           'train', 'run_training']
+           'train', 'train_head', 'run_training']
 
 # %% ../../nbs/09h_learner.train.ipynb #999fe235
 def shard_batch(batch: Any, # a collated batch: tensors / lists (dim 0 = samples), dicts of them
@@ -507,6 +507,40 @@ def train(cfg: DictConfig, # the run's config (`load_config`)
         raise TrainingStopped(f'{learn.stop_reason} at step {learn.step_count}; saved {ckpt}; continue with '
                               f'amt train --resume {ckpt} (or train(cfg, resume=...))')
     return run_dir
+
+# %% ../../nbs/09h_learner.train.ipynb #fededd50
+def train_head(cfg: DictConfig, # the run's config (training.* limits, seed)
+               run_dir: str | os.PathLike, # the run's folder (checkpoints/, metrics.csv, ...)
+               build: Callable, # (cfg, run_dir, ckpt or None) -> the run's Learner, restored from ckpt when given
+               describe: Callable, # the Learner -> (what trains, what one step reads), for the opening line
+               tag: str, # the run's name on the console and in errors: 'stage 4', 'video', ...
+               resume: bool = False, # continue from <run_dir>/checkpoints/last.pt when it exists
+              ) -> Path: # run_dir
+    "Train a head on a frozen AMT (stage 4, the video stage) in `run_dir`: a new run, or its last.pt continued."
+    run_dir, ckpt = Path(run_dir), None
+    last = run_dir/'checkpoints'/'last.pt'
+    if resume and last.exists():
+        ckpt = require_checkpoint(load_checkpoint(last), last, ('model', 'config', 'optimizer', 'sampler', 'rng'))
+        check_checkpoint_config(ckpt, cfg, last)
+    prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=resume and ckpt is None)
+    save_run_config(cfg, run_dir)
+    clean_stale_tmp(run_dir/'checkpoints')   # left by a run killed while writing a checkpoint
+    seed_everything(int(cfg.seed))
+    learn = build(cfg, run_dir, ckpt)
+    try:
+        if ckpt is not None and learn.step_count >= learn.total_steps:
+            print(f'[{tag}] {last} is at step {learn.step_count} of {learn.total_steps}: finished, kept', flush=True)
+        else:
+            what, per_step = describe(learn)
+            print(f"[{tag}] {what} | {learn.device} {learn.dtype or 'fp32'} | {learn.total_steps} steps of {per_step}"
+                  + (f" from step {ckpt['step']}" if ckpt else ''), flush=True)
+            learn.fit(cfg.training.epochs, **learn.resume_pos)
+    finally: close_callbacks(learn)
+    if learn.failed: raise NonFiniteLossError(f'{learn.stop_reason} ({tag}, {run_dir})')
+    if (stop := learn.cb(StopCB)) is not None and stop.signal:
+        raise TrainingStopped(f'{learn.stop_reason} at step {learn.step_count}; saved {last}; continue with resume')
+    return run_dir
+
 
 # %% ../../nbs/09h_learner.train.ipynb #ed3627b5
 def run_training(preset: str | None = None, # preset name or YAML path (None with `resume`: the checkpoint's own config)

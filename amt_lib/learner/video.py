@@ -22,8 +22,8 @@ from .core import Learner, Callback, seed_everything
 from .callbacks import *
 from .checkpoint import *
 from .optim import param_groups, make_scheduler
-from .runs import load_model, save_run_config, prepare_run_dir
-from .train import (run_callbacks, ResumableLoader, optimiser_steps, total_steps, scheduler_period,
+from .runs import load_model, head_weights_file
+from .train import (run_callbacks, train_head, ResumableLoader, optimiser_steps, total_steps, scheduler_period,
                                    close_callbacks, NonFiniteLossError, TrainingStopped)
 
 # %% auto #0
@@ -240,16 +240,7 @@ def video_weights_file(ckpt_path: str | os.PathLike, # a checkpoint of the video
                        out: str | os.PathLike, # the weights file to write
                       ) -> Path:
     "Write a weights file of the AMT (`model`) and its trained temporal model (`temporal`) from a video checkpoint."
-    ck = require_checkpoint(load_checkpoint(ckpt_path), ckpt_path, ('model', 'config', 'temporal_args'))
-    sd = ck['model']
-    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-    amt, tm = part('amt.'), part('temporal.')
-    if not tm or len(amt) + len(tm) != len(sd):
-        raise CheckpointError(f'{ckpt_path} is not a video-stage checkpoint (the AMT under amt.*, the temporal model '
-                              'under temporal.*)')
-    return save_checkpoint(dict(model=amt, temporal=tm, temporal_args=ck['temporal_args'], config=ck['config'],
-                                commit=ck.get('commit', 'unknown'), model_args=ck.get('model_args'),
-                                step=int(ck.get('step', 0)), trained=['temporal']), out)
+    return head_weights_file(ckpt_path, out, 'temporal.', 'temporal', 'video-stage', ('temporal_args',))
 
 def load_video_model(path: str | os.PathLike, # a weights file of the video stage (`video_weights_file`)
                     ) -> VideoModel: # in eval mode, on the CPU
@@ -272,30 +263,15 @@ def train_video(cfg: DictConfig, # the stage's config (temporal.*, video.batch_s
                 resume: bool = False, # continue from <run_dir>/checkpoints/last.pt when it exists
                ) -> Path: # <run_dir>/final_weights.pt
     "Train the temporal model and action decoder over clips on the frozen AMT; returns the stage's weights file."
-    run_dir, ckpt = Path(run_dir), None
+    run_dir = Path(run_dir)
     last, best = run_dir/'checkpoints'/'last.pt', run_dir/'checkpoints'/'best.pt'
-    if resume and last.exists():
-        ckpt = require_checkpoint(load_checkpoint(last), last, ('model', 'config', 'optimizer', 'sampler', 'rng'))
-        check_checkpoint_config(ckpt, cfg, last)
-    prepare_run_dir(run_dir, resume=ckpt is not None, overwrite=resume and ckpt is None)
-    save_run_config(cfg, run_dir)
-    clean_stale_tmp(run_dir/'checkpoints')
-    seed_everything(int(cfg.seed))
-    learn = build_video_learner(cfg, run_dir, amt_weights, train, val, ckpt)
-    try:
-        if ckpt is not None and learn.step_count >= learn.total_steps:
-            print(f'[video] {last} is at step {learn.step_count} of {learn.total_steps}: finished, kept', flush=True)
-        else:
-            n = sum(p.numel() for p in learn.raw_model.temporal.parameters())
-            print(f'[video] temporal model ({n / 1e6:.2f}M params) on the frozen AMT of {amt_weights} | {learn.device} '
-                  f"{learn.dtype or 'fp32'} | {learn.total_steps} steps of {cfg.video.batch_size} clips"
-                  + (f" from step {ckpt['step']}" if ckpt else ''), flush=True)
-            learn.fit(cfg.training.epochs, **learn.resume_pos)
-    finally: close_callbacks(learn)
-    if learn.failed: raise NonFiniteLossError(f'{learn.stop_reason} (video stage, {run_dir})')
-    if (stop := learn.cb(StopCB)) is not None and stop.signal:
-        raise TrainingStopped(f'{learn.stop_reason} at step {learn.step_count}; saved {last}; continue with resume')
+    def describe(learn) -> tuple[str, str]:
+        n = sum(p.numel() for p in learn.raw_model.temporal.parameters())
+        return f'temporal model ({n / 1e6:.2f}M params) on the frozen AMT of {amt_weights}', f'{cfg.video.batch_size} clips'
+    train_head(cfg, run_dir, lambda c, d, ck: build_video_learner(c, d, amt_weights, train, val, ck), describe, 'video',
+               resume)
     return video_weights_file(best if best.exists() else last, run_dir/'final_weights.pt')
+
 
 # %% ../../nbs/09k_learner.video.ipynb #fbd7ee40
 PHASE_NAMES = ('approach', 'grasp', 'move', 'release')   # phase ids 0..3 (amt_lib.data.video.PHASES)
