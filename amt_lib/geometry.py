@@ -15,9 +15,9 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['project_points', 'crop_resize_affine', 'affine_K', 'crop_resize_K', 'warp_affine', 'rotation_affine',
            'camera_axis_rotation', 'rotate_about_camera_axis', 'quat_to_matrix', 'matrix_to_quat', 'rot6d_to_matrix',
-           'matrix_to_rot6d', 'axis_angle_to_matrix', 'matrix_to_axis_angle', 'geodesic_angle', 'procrustes_dexycb',
-           'procrustes_similarity', 'rodrigues', 'axis_rotation', 'matrix_to_axis_angle_np', 'random_rotation',
-           'project', 'crop_K', 'hand_crop_box', 'sample_surface']
+           'matrix_to_rot6d', 'axis_angle_to_matrix', 'matrix_to_axis_angle', 'geodesic_angle', 'crop_ray_rotation',
+           'procrustes_dexycb', 'procrustes_similarity', 'rodrigues', 'axis_rotation', 'matrix_to_axis_angle_np',
+           'random_rotation', 'project', 'crop_K', 'hand_crop_box', 'sample_surface']
 
 # %% ../nbs/03_geometry.ipynb #469d1469
 def project_points(
@@ -161,6 +161,23 @@ def geodesic_angle(
 )->Tensor:     # (...) radians in [0, pi]
     "Angle of the relative rotation R1^T R2."
     return roma.rotmat_geodesic_distance(R1, R2)
+
+# %% ../nbs/03_geometry.ipynb #9c18ab4f
+def crop_ray_rotation(
+    K:Tensor,           # (...,3,3) intrinsics of the crop
+    image_size:float,   # the crop's side, pixels (its centre is at (size - 1) / 2)
+)->Tensor:              # (...,3,3) the rotation taking (0,0,1) onto the ray through the crop's centre
+    "Smallest rotation from the optical axis onto the viewing ray through the image centre."
+    c = (float(image_size) - 1) / 2
+    fx, fy, s, cx, cy = K[..., 0, 0], K[..., 1, 1], K[..., 0, 1], K[..., 0, 2], K[..., 1, 2]
+    yn = (c - cy) / fy; xn = (c - cx - s * yn) / fx                                   # K^-1 (c, c, 1), no solve (ONNX)
+    d = F.normalize(torch.stack([xn, yn, torch.ones_like(xn)], -1), dim=-1)          # (...,3) unit ray
+    v, cos = torch.stack([-d[..., 1], d[..., 0], torch.zeros_like(d[..., 0])], -1), d[..., 2]   # z x d, z . d
+    z = torch.zeros_like(cos)
+    vx = torch.stack([z, -v[..., 2], v[..., 1], v[..., 2], z, -v[..., 0], -v[..., 1], v[..., 0], z], -1)
+    vx = vx.reshape(*cos.shape, 3, 3)
+    eye = torch.eye(3, dtype=K.dtype, device=K.device)
+    return eye + vx + vx @ vx / (1 + cos)[..., None, None]     # Rodrigues; the ray is in front (cos > 0)
 
 # %% ../nbs/03_geometry.ipynb #f05f2331
 def procrustes_dexycb(

@@ -39,7 +39,7 @@ def fake_outputs(B=3, Q=10, C=22, seed=1, grad=True):
         pred_hand_verts=r(B, 778, 3, sc=.05), pred_obj_pos_coarse=r(B, Q, 3, sc=.1), pred_obj_pos=r(B, Q, 3, sc=.1),
         pred_obj_rot=F.normalize(torch.randn(B, Q, 4, generator=g), dim=-1).requires_grad_(grad),
         pred_obj_logits=r(B, Q, C), pred_contact_points=r(B, Q, 3, sc=.1), pred_contact_logits=r(B, Q),
-        pred_contact_prob=torch.rand(B, Q, generator=g))
+        pred_contact_prob=torch.rand(B, Q, generator=g), pred_hand_heatmaps=r(B, 21, 16, 16))
 
 
 @pytest.fixture(scope='module')
@@ -71,13 +71,14 @@ def test_invalid_hands_nan_predictions_are_ignored(cfg):
         for o in (a, b):                               # ... with every hand's vertices close to its centre
             o['pred_hand_verts'] += batch['obj_pose'][:, None, 0, :, 3]
         for k in ('pred_hand_joints', 'pred_hand_joints_coarse', 'pred_hand_joints_2d', 'pred_mano_pose',
-                  'pred_mano_betas', 'pred_hand_verts'):
+                  'pred_mano_betas', 'pred_hand_verts', 'pred_hand_heatmaps'):
             b[k][0] = float('nan')
     ra, rb = crit(a, batch), crit(b, batch)
     for k in LOSS_TERMS:
         assert torch.allclose(ra[k], rb[k]), k
     rb['loss'].backward()
-    for k in ('pred_hand_joints', 'pred_hand_joints_coarse', 'pred_hand_joints_2d', 'pred_mano_pose', 'pred_hand_verts'):
+    for k in ('pred_hand_joints', 'pred_hand_joints_coarse', 'pred_hand_joints_2d', 'pred_mano_pose', 'pred_hand_verts',
+              'pred_hand_heatmaps'):
         assert torch.equal(b[k].grad[0], torch.zeros_like(b[k].grad[0])), k
         assert b[k].grad[1:].abs().sum() > 0, k
 

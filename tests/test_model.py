@@ -43,6 +43,8 @@ def test_forward_backward_shapes_and_time(smoke_model):
                 pred_hand_verts=(B, 778, 3), pred_obj_pos_coarse=(B, Q, 3), pred_obj_pos=(B, Q, 3), pred_obj_rot=(B, Q, 4),
                 pred_obj_logits=(B, Q, C), pred_contact_points=(B, Q, 3), pred_contact_logits=(B, Q),
                 pred_contact_prob=(B, Q), pred_hand_joints_steps=(B, S, 21, 3))
+    g = cfg.data.image_size // cfg.model.backbone.patch_size * cfg.model.heatmap_upsample
+    want['pred_hand_heatmaps'] = (B, 21, g, g)                                       # auxiliary: the heatmap term's input
     for k, shape in want.items(): assert tuple(out[k].shape) == shape, k
     assert 'pred_contact_forces' not in out                                        # no label backs forces: no such output
     assert all(torch.isfinite(v).all() for v in out.values())

@@ -51,13 +51,13 @@ class AMT(nn.Module):
         tokens = self.backbone(image)                                  # L × (B,T,D)
         fmaps = self.backbone.feature_maps(tokens)                     # L × (B,D,g,g)
         tok = torch.cat(tokens, -1)                                    # (B,T,L·D)
-        hand = self.hand_encoder(tok, K)
+        hand = self.hand_encoder(tok, K, fmaps=fmaps)
         obj = self.object_encoder(tok, K)
         if self.refine: js, os_ = self.refiner(fmaps, K, hand['joints'], obj['pos'], hand['feat'], obj['feat'])
         else: js, os_ = hand['joints'][:, None], obj['pos'][:, None]   # one "step": the coarse estimate
         joints, obj_pos = js[:, -1], os_[:, -1]
         con = self.contact_encoder(hand['feat'], joints, obj['feat'], obj_pos)
-        return dict(
+        out = dict(
             pred_hand_joints=joints, pred_hand_joints_coarse=hand['joints'], pred_hand_joints_mano=hand['joints_mano'],
             pred_hand_joints_steps=js, pred_hand_joints_2d=project_points(joints, K), pred_hand_conf=hand['conf'],
             pred_mano_pose=hand['pose'], pred_mano_betas=hand['betas'], pred_mano_betas_coarse=hand['betas_coarse'],
@@ -66,6 +66,8 @@ class AMT(nn.Module):
             pred_obj_rot=obj['rot'], pred_obj_logits=obj['logits'],
             pred_contact_points=con['points'], pred_contact_logits=con['logits'], pred_contact_prob=con['prob'],
             hand_context=hand['feat'])
+        if 'heatmaps' in hand: out['pred_hand_heatmaps'] = hand['heatmaps']   # (B,21,h,w) logits, for the loss
+        return out
 
 # %% ../../nbs/07g_models.amt.ipynb #944ec8ed
 def build_model(cfg, # a config from `load_config` (uses `model` and `data.image_size`)
@@ -81,7 +83,9 @@ def build_model(cfg, # a config from `load_config` (uses `model` and `data.image
     grid = S // int(m.backbone.patch_size)
     hand = HandEncoder(token_dim=token_dim, dim=H, num_heads=heads, num_layers=L, point_hidden=int(m.point_hidden),
                        dropout=p, image_size=S, mano_path=m.mano_path, checkpoint_share=share, grid=grid,
-                       residual_scale=float(m.joint_residual_scale), vertex_stride=int(m.mc_vertex_stride))
+                       residual_scale=float(m.joint_residual_scale), vertex_stride=int(m.mc_vertex_stride),
+                       ray_frame=bool(m.hand_ray_frame), heatmap_upsample=int(m.heatmap_upsample),
+                       heatmap_hidden=int(m.heatmap_hidden))
     obj = ObjectEncoder(token_dim=token_dim, dim=H, num_heads=heads, num_layers=L, num_objects=int(m.num_objects),
                         num_classes=int(m.num_classes), dropout=p, image_size=S, checkpoint_share=share, grid=grid)
     refiner = PixelAlignedRefiner(feat_dim=token_dim, dim=H, num_heads=heads, num_layers=int(m.refine_layers),

@@ -6,12 +6,12 @@
 from __future__ import annotations
 import torch
 from torch import nn, Tensor
-from ..geometry import rot6d_to_matrix, matrix_to_rot6d, axis_angle_to_matrix, matrix_to_axis_angle
+from ..geometry import rot6d_to_matrix, matrix_to_rot6d, axis_angle_to_matrix, matrix_to_axis_angle, crop_ray_rotation
 from ..hand_model import MANOLayer, local_frames, multi_coordinate_features
 from .layers import CameraPositionHead, Mlp, QueryDecoder, small_init_
 
 # %% auto #0
-__all__ = ['ROOT_JOINT', 'MultiCoordinateEncoder', 'HandEncoder']
+__all__ = ['ROOT_JOINT', 'MultiCoordinateEncoder', 'JointHeatmapHead', 'HandEncoder']
 
 # %% ../../nbs/07c_models.hand_head.ipynb #59d17959
 class MultiCoordinateEncoder(nn.Module):
@@ -36,6 +36,25 @@ class MultiCoordinateEncoder(nn.Module):
         pooled = torch.einsum('bvh,bvc->bhc', a, f)            # (B,heads,hidden)
         return self.out(pooled.flatten(1))
 
+# %% ../../nbs/07c_models.hand_head.ipynb #08cf75f1
+class JointHeatmapHead(nn.Module):
+    "Feature maps -> one 2D logit map per joint, on the token grid upsampled `upsample` times."
+    def __init__(self, in_channels:int, # channels of the concatenated feature maps (model layers x width)
+                 upsample:int=2, # 1, 2, 4, ...: output side = token grid side x this (model.heatmap_upsample)
+                 hidden:int=64, # channels of the small decoder (model.heatmap_hidden)
+                 num_joints:int=21, # maps: one per joint
+                ):
+        super().__init__()
+        n = int(upsample).bit_length() - 1
+        if upsample < 1 or 2 ** n != upsample:
+            raise ValueError(f'model.heatmap_upsample={upsample}: expected 1, 2, 4, ... (or 0: no heatmap head)')
+        layers = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.GELU()]
+        for _ in range(n): layers += [nn.ConvTranspose2d(hidden, hidden, 2, stride=2), nn.GELU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(hidden, num_joints, 1))
+    def forward(self, fmaps:list[Tensor], # per feature layer (B,D,g,g)
+               ) -> Tensor: # (B,num_joints,g*upsample,g*upsample) logits
+        return self.net(torch.cat(list(fmaps), 1))
+
 # %% ../../nbs/07c_models.hand_head.ipynb #17c141a6
 ROOT_JOINT = 9  # middle-finger MCP (DexYCB order): the joint the head places through K
 
@@ -54,6 +73,9 @@ class HandEncoder(QueryDecoder):
                  grid:int|None=None, # patches per side; None: image_size // 14
                  residual_scale:float=0.05, # metres per unit of the direct joint correction (joint_residual_scale)
                  vertex_stride:int=1, # the multi-coordinate encoder reads every this-th vertex (model.mc_vertex_stride)
+                 ray_frame:bool=False, # global rotation and joint correction in the crop's viewing-ray frame (model.hand_ray_frame)
+                 heatmap_upsample:int=0, # auxiliary 2D joint heatmaps at the token grid x this; 0: none (model.heatmap_upsample)
+                 heatmap_hidden:int=64, # width of the heatmap decoder (model.heatmap_hidden)
                 ):
         super().__init__(token_dim=token_dim, dim=dim, num_queries=1, num_heads=num_heads, num_layers=num_layers,
                          grid=grid or image_size // 14, self_attn=False, dropout=dropout,
@@ -71,14 +93,20 @@ class HandEncoder(QueryDecoder):
         self.joint_head = small_init_(nn.Linear(dim, 21 * 3), std=1e-3)
         self.conf_head = small_init_(nn.Linear(dim, 21), std=1e-3)
         self.betas_refine = small_init_(nn.Linear(dim, 10), std=1e-3)
+        self.ray_frame, self.image_size = bool(ray_frame), image_size
+        self.heatmap_head = JointHeatmapHead(token_dim, int(heatmap_upsample), int(heatmap_hidden)) if heatmap_upsample else None
 
     def forward(self, tokens:Tensor, # (B,T,token_dim) image tokens (feature layers concatenated)
                 K:Tensor, # (B,3,3) intrinsics
                 ctx:Tensor|None=None, # (B,T,dim) already projected tokens (skips in_proj)
+                fmaps:list[Tensor]|None=None, # per feature layer (B,D,g,g): the heatmap head's input (None: no heatmaps)
                ) -> dict[str, Tensor]:
         h = self.decode(tokens, ctx)[:, 0]                                               # (B,dim) the one query
         B = h.shape[0]
         rot = rot6d_to_matrix(self.pose_head(h).view(B, 16, 6))                        # (B,16,3,3)
+        # the crop's pixels fix the hand's rotation about its viewing ray, not about the optical axis: turn it over
+        ray = crop_ray_rotation(K, self.image_size) if self.ray_frame else None       # (B,3,3) or None
+        if ray is not None: rot = torch.cat([(ray @ rot[:, 0])[:, None], rot[:, 1:]], 1)
         pose = matrix_to_axis_angle(rot).reshape(B, 48)
         betas = self.betas_head(h)
         root = self.root_head(h, K)                                                    # (B,3) middle MCP, camera frame
@@ -89,6 +117,9 @@ class HandEncoder(QueryDecoder):
         frames = local_frames(m['transforms'], m['verts'], self.mano.side)              # (B,22,4,4) from the full mesh
         feats = multi_coordinate_features(m['verts'][:, ::self.vertex_stride], frames)  # (B,778/stride,67)
         g = self.fuse_norm(h + self.fuse(torch.cat([h, self.mc_encoder(feats)], -1)))  # (B,dim)
-        joints = joints_mano + self.residual_scale * self.joint_head(g).view(B, 21, 3)
-        return dict(joints=joints, joints_mano=joints_mano, conf=torch.sigmoid(self.conf_head(g)),
-                    pose=pose, betas=betas + self.betas_refine(g), betas_coarse=betas, trans=trans, verts=verts, feat=g)
+        res = self.residual_scale * self.joint_head(g).view(B, 21, 3)                  # direct correction, metres
+        if ray is not None: res = res @ ray.transpose(1, 2)                              # ray frame -> camera frame
+        out = dict(joints=joints_mano + res, joints_mano=joints_mano, conf=torch.sigmoid(self.conf_head(g)),
+                   pose=pose, betas=betas + self.betas_refine(g), betas_coarse=betas, trans=trans, verts=verts, feat=g)
+        if self.heatmap_head is not None and fmaps is not None: out['heatmaps'] = self.heatmap_head(fmaps)
+        return out
