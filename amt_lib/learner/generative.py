@@ -26,7 +26,7 @@ from .checkpoint import *
 from .optim import param_groups, make_scheduler
 from .reporting import progress_mode
 from .runs import load_model, save_run_config, prepare_run_dir
-from .train import (run_callbacks, train_head, ResumableLoader, optimiser_steps, total_steps, scheduler_period, close_callbacks,
+from .train import (run_callbacks, train_head, head_learner, ResumableLoader, optimiser_steps, total_steps, scheduler_period, close_callbacks,
                     NonFiniteLossError, TrainingStopped)
 
 # %% auto #0
@@ -132,27 +132,10 @@ def build_head_learner(cfg: DictConfig, # the stage's config
     train_dl, val_dl = build_dataloaders(cfg, device=device if device.type == 'cuda' else None, run_dir=run_dir,
                                          progress=progress_mode(lc.progress))
     train_dl = ResumableLoader(train_dl, batch_size=int(tc.batch_size))
-    opt = torch.optim.AdamW(param_groups(model.head, tc.lr, 1.0, tc.weight_decay), lr=tc.lr)
-    n_total = total_steps(cfg, len(train_dl))
-    sched = make_scheduler(opt, tc.warmup_steps, scheduler_period(cfg, optimiser_steps(len(train_dl), tc.accumulation),
-                                                                  n_total), tc.T_mult, tc.min_lr)
-    learn = GenerativeHeadLearner(model, (train_dl, val_dl), loss_func=loss_func, predict_func=predict_func, opt=opt,
-                                  cfg=cfg, run_dir=run_dir, device=device, dtype=dtype, total_steps=n_total)
-    resume_step = int(ckpt['step']) if ckpt else None
-    cbs = [DeviceCB(device), NonFiniteCB(tc.nan_patience, 0, max_weight=WEIGHT_BOUND), AccumulateCB(tc.accumulation),
-           GradClipCB(tc.grad_clip), SchedulerCB(sched), StopCB(tc.max_steps, tc.max_minutes), Recorder(tc.log_every)]
-    if dtype is not None: cbs.append(MixedPrecisionCB(device.type, dtype))
-    commit, cfg_yaml = git_commit(PACKAGE_DIR), config_to_yaml(cfg)
-    model_args = OmegaConf.to_container(cfg.model, resolve=True)
-    more = lambda: {'config': cfg_yaml, 'commit': commit, 'model_args': model_args, **extra}
-    cbs += run_callbacks(cfg, run_dir, n_total, resume_step, more, None, 'loss', ('loss', 'eval_seconds'),
-                         (f'{run_dir.parent.name}/{run_dir.name}', run_dir.parent.name), plots=False)
-    if lc.tensorboard: cbs.append(SampleFigureCB())
-    cbs += list(callbacks)
-    for cb in cbs: cb.learn = learn
-    learn.cbs = cbs
-    if ckpt is not None: learn.resume_pos = restore_learner(learn, ckpt)
-    return learn
+    make = lambda opt, n: GenerativeHeadLearner(model, (train_dl, val_dl), loss_func=loss_func, predict_func=predict_func,
+                                                opt=opt, cfg=cfg, run_dir=run_dir, device=device, dtype=dtype, total_steps=n)
+    return head_learner(make, cfg, model.head, float(tc.lr), len(train_dl), extra, ('loss', 'eval_seconds'), ckpt,
+                        [SampleFigureCB()] * bool(lc.tensorboard) + list(callbacks))
 
 def build_pose_learner(cfg: DictConfig, # the stage's config (`stage_config(cfg, 4)`)
                        run_dir: str | os.PathLike, # the run's folder (<run_dir>/generative)

@@ -31,7 +31,7 @@ __all__ = ['VAL_LOG_KEYS', 'RESUME_REFUSED', 'RESUME_LR_KEYS', 'shard_batch', 'R
            'TrainingStopped', 'amt_predict', 'AMTObjective', 'optimiser_steps', 'total_steps', 'scheduler_period',
            'RefineSwitchCB', 'HardMiningCB', 'run_callbacks', 'AMTLearner', 'build_learner', 'check_resume',
            'apply_resume_overrides', 'NothingToTrain', 'check_steps_left', 'close_callbacks', 'write_data_reports',
-           'train', 'train_head', 'run_training']
+           'train', 'head_learner', 'train_head', 'run_training']
 
 # %% ../../nbs/09h_learner.train.ipynb #999fe235
 def shard_batch(batch: Any, # a collated batch: tensors / lists (dim 0 = samples), dicts of them
@@ -507,6 +507,39 @@ def train(cfg: DictConfig, # the run's config (`load_config`)
         raise TrainingStopped(f'{learn.stop_reason} at step {learn.step_count}; saved {ckpt}; continue with '
                               f'amt train --resume {ckpt} (or train(cfg, resume=...))')
     return run_dir
+
+# %% ../../nbs/09h_learner.train.ipynb #aac5239f
+def head_learner(make: Callable, # (opt, total_steps) -> the run's Learner (it holds cfg, run_dir, device, dtype)
+                 cfg: DictConfig, # the stage's config (training.*, logging.*, model)
+                 trainable: nn.Module, # the part that trains: its parameters go to AdamW
+                 lr: float, # peak learning rate
+                 n_batches: int, # training batches per epoch
+                 extra: dict, # entries every checkpoint carries besides the config, commit and model_args
+                 log_keys: Sequence[str], # validation numbers the console line shows
+                 ckpt: dict | None = None, # a checkpoint of this run to continue from
+                 callbacks: Iterable[Callback] = (), # extra callbacks after the run's own
+                ) -> Learner:
+    "The Learner of a head on a frozen AMT: AdamW + the run's schedule, the core and `run_callbacks` callbacks (no EMA)."
+    tc = cfg.training
+    opt = torch.optim.AdamW(param_groups(trainable, lr, 1.0, tc.weight_decay), lr=lr)
+    n_total = total_steps(cfg, n_batches)
+    sched = make_scheduler(opt, tc.warmup_steps, scheduler_period(cfg, optimiser_steps(n_batches, tc.accumulation),
+                                                                  n_total), tc.T_mult, tc.min_lr)
+    learn = make(opt, n_total)
+    run_dir = Path(learn.run_dir)
+    cbs = [DeviceCB(learn.device), NonFiniteCB(tc.nan_patience, 0, max_weight=WEIGHT_BOUND), AccumulateCB(tc.accumulation),
+           GradClipCB(tc.grad_clip), SchedulerCB(sched), StopCB(tc.max_steps, tc.max_minutes), Recorder(tc.log_every)]
+    if learn.dtype is not None: cbs.append(MixedPrecisionCB(learn.device.type, learn.dtype))
+    commit, cfg_yaml = git_commit(PACKAGE_DIR), config_to_yaml(cfg)
+    model_args = OmegaConf.to_container(cfg.model, resolve=True)
+    more = lambda: {'config': cfg_yaml, 'commit': commit, 'model_args': model_args, **extra}
+    cbs += run_callbacks(cfg, run_dir, n_total, int(ckpt['step']) if ckpt else None, more, None, 'loss', tuple(log_keys),
+                         (f'{run_dir.parent.name}/{run_dir.name}', run_dir.parent.name), plots=False)
+    cbs += list(callbacks)
+    for cb in cbs: cb.learn = learn
+    learn.cbs = cbs
+    if ckpt is not None: learn.resume_pos = restore_learner(learn, ckpt)
+    return learn
 
 # %% ../../nbs/09h_learner.train.ipynb #fededd50
 def train_head(cfg: DictConfig, # the run's config (training.* limits, seed)

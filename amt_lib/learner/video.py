@@ -23,7 +23,7 @@ from .callbacks import *
 from .checkpoint import *
 from .optim import param_groups, make_scheduler
 from .runs import load_model, head_weights_file
-from .train import (run_callbacks, train_head, ResumableLoader, optimiser_steps, total_steps, scheduler_period,
+from .train import (run_callbacks, train_head, head_learner, ResumableLoader, optimiser_steps, total_steps, scheduler_period,
                                    close_callbacks, NonFiniteLossError, TrainingStopped)
 
 # %% auto #0
@@ -212,28 +212,11 @@ def build_video_learner(cfg: DictConfig, # the stage's config (temporal.*, train
         raise CheckpointError(f"the checkpoint's temporal model {ckpt.get('temporal_args')} is not this config's "
                               f'{args}: resume with the config of the run')
     model = VideoModel(amt, TemporalModel(**args))
-    lr = float(cfg.temporal.lr)
-    opt = torch.optim.AdamW(param_groups(model.temporal, lr, 1.0, tc.weight_decay), lr=lr)
-    n_total = total_steps(cfg, len(train_dl))
-    sched = make_scheduler(opt, tc.warmup_steps, scheduler_period(cfg, optimiser_steps(len(train_dl), tc.accumulation),
-                                                                  n_total), tc.T_mult, tc.min_lr)
-    learn = VideoLearner(model, (train_dl, val_dl), opt=opt, cfg=cfg, run_dir=run_dir, device=device, dtype=dtype,
-                         total_steps=n_total)
-    resume_step = int(ckpt['step']) if ckpt else None
-    cbs = [DeviceCB(device), NonFiniteCB(tc.nan_patience, 0, max_weight=WEIGHT_BOUND), AccumulateCB(tc.accumulation),
-           GradClipCB(tc.grad_clip), SchedulerCB(sched), StopCB(tc.max_steps, tc.max_minutes), Recorder(tc.log_every)]
-    if dtype is not None: cbs.append(MixedPrecisionCB(device.type, dtype))
-    commit, cfg_yaml = git_commit(PACKAGE_DIR), config_to_yaml(cfg)
-    model_args = OmegaConf.to_container(cfg.model, resolve=True)
-    extra = lambda: {'config': cfg_yaml, 'commit': commit, 'model_args': model_args, 'temporal_args': args,
-                     'amt_weights': str(weights)}
-    cbs += run_callbacks(cfg, run_dir, n_total, resume_step, extra, None, 'loss', ('loss', 'joints', 'phase', 'forecast'),
-                         (f'{run_dir.parent.name}/{run_dir.name}', run_dir.parent.name), plots=False)
-    cbs += list(callbacks)
-    for cb in cbs: cb.learn = learn
-    learn.cbs = cbs
-    if ckpt is not None: learn.resume_pos = restore_learner(learn, ckpt)
-    return learn
+    make = lambda opt, n: VideoLearner(model, (train_dl, val_dl), opt=opt, cfg=cfg, run_dir=run_dir, device=device,
+                                       dtype=dtype, total_steps=n)
+    return head_learner(make, cfg, model.temporal, float(cfg.temporal.lr), len(train_dl),
+                        {'temporal_args': args, 'amt_weights': str(weights)}, ('loss', 'joints', 'phase', 'forecast'),
+                        ckpt, callbacks)
 
 # %% ../../nbs/09k_learner.video.ipynb #66256cd3
 def video_weights_file(ckpt_path: str | os.PathLike, # a checkpoint of the video stage (…/video/checkpoints/best.pt)
