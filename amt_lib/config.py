@@ -12,10 +12,10 @@ import yaml
 from omegaconf import OmegaConf, DictConfig, ListConfig
 
 # %% auto #0
-__all__ = ['PACKAGE_DIR', 'PRESET_DIR', 'RULES', 'FREE_KEYS', 'PURPOSES', 'RETIRED_KEYS', 'ConfigError', 'list_presets',
-           'parse_overrides', 'override_keys', 'apply_overrides', 'load_config', 'Rule', 'int_ge', 'num_ge', 'num_gt',
-           'num_in', 'one_of', 'matches', 'nullable', 'list_of', 'rules_table', 'validate_config', 'config_to_yaml',
-           'config_from_yaml', 'git_commit', 'pid_alive']
+__all__ = ['PACKAGE_DIR', 'PRESET_DIR', 'RULES', 'FREE_KEYS', 'PURPOSES', 'RETIRED_KEYS', 'ADDED_KEYS', 'ConfigError',
+           'list_presets', 'parse_overrides', 'override_keys', 'apply_overrides', 'load_config', 'Rule', 'int_ge',
+           'num_ge', 'num_gt', 'num_in', 'one_of', 'matches', 'nullable', 'list_of', 'rules_table', 'validate_config',
+           'config_to_yaml', 'config_from_yaml', 'git_commit', 'pid_alive']
 
 # %% ../nbs/00_config.ipynb #3b6d6b0e
 PACKAGE_DIR = Path(str(files('amt_lib')))
@@ -388,13 +388,32 @@ def _drop_retired(d: dict) -> list[str]:
         if isinstance(node, dict) and last in node: del node[last]; gone.append(key)
     return gone
 
+# keys added after runs were saved without them: key -> the value that rebuilds what such a run trained
+ADDED_KEYS = {
+    'model.hand_ray_frame': False,            # before: the hand's global rotation was predicted in the camera frame
+    'model.heatmap_upsample': 0,              # before: no heatmap head
+    'model.heatmap_hidden': 64,
+    'loss.weights.heatmap': 0.0,
+    'stages.stage1_component_epochs': {},     # before: every stage-1 component trained stages.stage1_epochs
+}
+
+def _fill_added(d: dict) -> list[str]:
+    "Set the ADDED_KEYS a nested config dict lacks to their earlier behaviour, in place; returns the dotted keys set."
+    added = []
+    for key, value in ADDED_KEYS.items():
+        *path, last = key.split('.'); node = d
+        for k in path: node = node.setdefault(k, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last not in node: node[last] = value; added.append(key)
+    return added
+
 def config_from_yaml(text_or_path: str | os.PathLike, # path of an existing YAML file, or YAML text
                     ) -> DictConfig:
-    "A config saved by `save_run_config` (or any YAML text), checked against the base preset; RETIRED_KEYS dropped."
+    "A config saved by `save_run_config` (or any YAML text), checked against the base preset; RETIRED_KEYS dropped, ADDED_KEYS filled."
     p = Path(text_or_path)
     text = p.read_text() if '\n' not in str(text_or_path) and p.exists() else str(text_or_path)
     d = yaml.safe_load(text)
-    _drop_retired(d)                 # an older run's config still loads (its checkpoints stay usable)
+    _drop_retired(d)                 # an older run's config still loads (its checkpoints stay usable) ...
+    _fill_added(d)                   # ... and builds the model it trained
     _check(d, _flat_keys(_read_preset('base')), str(text_or_path)[:60])
     cfg = OmegaConf.create(d); OmegaConf.set_struct(cfg, True)
     return cfg
