@@ -26,7 +26,7 @@ from .models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .models.amt import build_model
 from .losses import AMTLoss
 from .learner.core import Callback, seed_everything
-from .learner.optim import param_groups, make_scheduler
+from .learner.optim import param_groups, make_scheduler, adamw
 from .learner.train import build_learner, close_callbacks
 from .stages import stage_config, steps_per_epoch, recipe
 from .pipeline import evaluation_data, run_stage, run_pipeline
@@ -113,7 +113,7 @@ def bench_training(model: nn.Module, # the model to train (on its device)
     "Training samples per second on one resident batch: `accumulation` x (forward, loss, backward), then an AdamW step."
     dev = next(model.parameters()).device
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr)
     def step():
         for _ in range(accumulation):
             with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -1059,7 +1059,7 @@ def train_plain_cnn(
     setup_s = time.perf_counter() - t
     torch.manual_seed(int(cfg.seed))
     model = PlainCNN().to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = adamw(model.parameters(), lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     order, losses, step, samples = hashlib.sha1(), [], 0, 0
     t = time.perf_counter()
@@ -1197,8 +1197,8 @@ def learner_overhead(cfg, # the run's config (`load_config`, or `amt_lib.stages.
         with contextlib.redirect_stdout(io.StringIO()): learn = build_learner(cfg, run_dir or tmp.name)
         dev, dtype = learn.device, learn.dtype
         model, loss_module = copy.deepcopy(learn.raw_model).to(dev), copy.deepcopy(learn.loss_module)
-        opt = torch.optim.AdamW(
-            param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module}), lr=tc.lr
+        opt = adamw(
+            param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module}), tc.lr
         )
         sched = make_scheduler(opt, tc.warmup_steps, learn.T_0, tc.T_mult, tc.min_lr)
         params = [p for g in opt.param_groups for p in g['params']]

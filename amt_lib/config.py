@@ -394,6 +394,7 @@ ADDED_KEYS = {
     'model.heatmap_upsample': 0,              # before: no heatmap head
     'model.heatmap_hidden': 64,
     'loss.weights.heatmap': 0.0,
+    'loss.weights.hand_mano': 0.0,            # before: no loss on the MANO layer's joints
     'stages.stage1_component_epochs': {},     # before: every stage-1 component trained stages.stage1_epochs
 }
 

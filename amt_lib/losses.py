@@ -26,10 +26,10 @@ __all__ = ['LOSS_TERMS', 'DATA_TERMS', 'YCB_INSCRIBED_RADIUS', 'VIDEO_LOSS_TERMS
            'phase_loss', 'future_valid', 'forecast_loss', 'VideoLoss']
 
 # %% ../nbs/08_losses.ipynb #0dd57e8f
-LOSS_TERMS = ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'heatmap', 'object_position', 'object_rotation',
-              'object_class', 'contact', 'contact_point', 'confidence', 'diversity', 'kl', 'physics')
+LOSS_TERMS = ('hand_coarse', 'hand_refined', 'hand_mano', 'mano', 'reprojection', 'heatmap', 'object_position',
+              'object_rotation', 'object_class', 'contact', 'contact_point', 'confidence', 'diversity', 'kl', 'physics')
 # the main terms that measure a prediction against a label; with dynamic weighting only these get learned weights
-# (not the auxiliary `heatmap`, `contact_point` and `confidence`: their scales follow from the main terms)
+# (not the auxiliary `hand_mano`, `heatmap`, `contact_point` and `confidence`: their scales follow from the main terms)
 DATA_TERMS = ('hand_coarse', 'hand_refined', 'mano', 'reprojection', 'object_position', 'object_rotation',
               'object_class', 'contact')
 
@@ -445,6 +445,8 @@ class AMTLoss(nn.Module):
         t = {}
         t['hand_coarse'] = hand_joint_loss(o['pred_hand_joints_coarse'], gj, hv, jw, aw)
         t['hand_refined'] = hand_joint_loss(o['pred_hand_joints'], gj, hv, jw, aw)
+        jm = o.get('pred_hand_joints_mano')   # the MANO layer's joints (without them: the term is 0)
+        t['hand_mano'] = hand_joint_loss(jm, gj, hv, jw, aw) if jm is not None else o['pred_hand_joints'].new_zeros(())
         gtr = bt['mano_trans'].float() if 'mano_trans' in bt else None
         t['mano'] = mano_loss(o['pred_mano_pose'], o['pred_mano_betas'], bt['mano_pose'].float(),
                               bt['mano_betas'].float(), hv & self._side_mask(bt.get('meta'), len(hv), dev),

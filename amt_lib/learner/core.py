@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from ..runtime import unwrap_model
 from ..data.cache import epoch_order
+from .optim import adamw
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'CancelStepException', 'Callback', 'run_cbs',
@@ -191,7 +192,7 @@ class Learner:
                 ):
         self.model, self.dls, self.loss_func, self.lr, self.predict_func = model, list(dls), loss_func, lr, predict_func
         self.opt = (
-            opt if opt is not None else torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+            opt if opt is not None else adamw([p for p in model.parameters() if p.requires_grad], lr)
         )
         self.cbs = list(cbs)
         for cb in self.cbs: cb.learn = self

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['warmup_cosine_restarts', 'param_groups', 'make_scheduler', 'ema_decay_at']
+__all__ = ['warmup_cosine_restarts', 'param_groups', 'make_scheduler', 'adamw', 'ema_decay_at']
 
 # %% ../../nbs/09a_learner.optim.ipynb #b7e2b988
 def warmup_cosine_restarts(step: int, # optimiser step being taken, 0-based
@@ -60,6 +60,17 @@ def make_scheduler(opt: torch.optim.Optimizer, # optimiser whose group lrs are t
         warmup_cosine_restarts, warmup_steps=warmup_steps, T_0=T_0, T_mult=T_mult, min_factor=min(min_lr / peak, 1.0)
     )
     return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+# %% ../../nbs/09a_learner.optim.ipynb #6a659de2
+def adamw(params, # parameters or parameter groups (`param_groups`), as for torch.optim.AdamW
+          lr: float, # learning rate
+          **kw, # further torch.optim.AdamW arguments (weight_decay, betas, ...)
+         ) -> torch.optim.AdamW:
+    "AdamW, fused (one kernel over all tensors) when every parameter is a floating tensor on the CPU or a GPU."
+    params = list(params)
+    ps = [p for g in params for p in (g['params'] if isinstance(g, dict) else [g])]
+    fused = bool(ps) and all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') for p in ps)
+    return torch.optim.AdamW(params, lr=lr, **({'fused': True} | kw if fused else kw))
 
 # %% ../../nbs/09a_learner.optim.ipynb #4fae6cc9
 def ema_decay_at(step: int, # optimiser steps done (>= 1 after the first)

@@ -15,7 +15,7 @@ from ..config import (load_config, apply_overrides, config_to_yaml, git_commit, 
 from .runs import default_run_dir, save_run_config, prepare_run_dir, load_init_weights, resume_config
 from ..runtime import resolve_device, resolve_precision
 from .core import *
-from .optim import param_groups, make_scheduler
+from .optim import param_groups, make_scheduler, adamw
 from .reporting import progress_mode, wandb_names
 from .callbacks import *
 from .checkpoint import *
@@ -301,7 +301,7 @@ def build_learner(cfg: DictConfig, # the run's config
     sources = (train_dl.source, val_dl.source)                       # the data sets, for the skip reports
     train_dl = ResumableLoader(train_dl, rank, world_size, batch_size=int(tc.batch_size))
     groups = param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module})
-    opt = torch.optim.AdamW(groups, lr=tc.lr)
+    opt = adamw(groups, tc.lr)
     T_0 = scheduler_period(cfg, optimiser_steps(len(train_dl), tc.accumulation), total_steps(cfg, len(train_dl)))
     sched = make_scheduler(opt, tc.warmup_steps, T_0, tc.T_mult, tc.min_lr)
     n_total = total_steps(cfg, len(train_dl))
@@ -521,7 +521,7 @@ def head_learner(make: Callable, # (opt, total_steps) -> the run's Learner (it h
                 ) -> Learner:
     "The Learner of a head on a frozen AMT: AdamW + the run's schedule, the core and `run_callbacks` callbacks (no EMA)."
     tc = cfg.training
-    opt = torch.optim.AdamW(param_groups(trainable, lr, 1.0, tc.weight_decay), lr=lr)
+    opt = adamw(param_groups(trainable, lr, 1.0, tc.weight_decay), lr)
     n_total = total_steps(cfg, n_batches)
     sched = make_scheduler(opt, tc.warmup_steps, scheduler_period(cfg, optimiser_steps(n_batches, tc.accumulation),
                                                                   n_total), tc.T_mult, tc.min_lr)
