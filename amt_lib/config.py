@@ -245,6 +245,7 @@ RULES: dict[str, Rule] = {
     'training.log_every': int_ge(1), 'training.checkpoint_every_epochs': int_ge(0), 'training.nan_patience': int_ge(1),
     'logging.progress': one_of('auto', 'bar', 'plain', 'quiet'),
     'stages.stage1_epochs': int_ge(1), 'stages.stage2_epochs': int_ge(1), 'stages.stage3_epochs': int_ge(1),
+    'stages.stage3_max_steps': nullable(int_ge(1)),
     'stages.stage2_diversity': num_ge(0), 'stages.stage3_lr_mult': num_gt(0), 'stages.stage3_diversity': num_ge(0),
     'stages.stage3_physics': num_ge(0),
     'model.refine_from_epoch': int_ge(0), 'loss.confidence_tau': num_gt(0), 'training.T_0_epochs': nullable(num_gt(0)),
@@ -395,6 +396,7 @@ ADDED_KEYS = {
     'model.heatmap_hidden': 64,
     'loss.weights.heatmap': 0.0,
     'loss.weights.hand_mano': 0.0,            # before: no loss on the MANO layer's joints
+    'stages.stage3_max_steps': None,          # before: stage 3 always ran its stage3_epochs whole
     'stages.stage1_component_epochs': {},     # before: every stage-1 component trained stages.stage1_epochs
 }
 

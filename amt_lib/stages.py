@@ -98,7 +98,8 @@ def stage_overrides(cfg: DictConfig, # the run's config (preset + user overrides
                 f'loss.schedules={_fmt(sched)}', f'loss.ramps={_fmt(ramps)}',
                 f'model.refine_from_epoch={s.stage2_refine_from_epoch}', 'training.hard_mining=false']
     if stage == 3:
-        return ['training.stage=3', f'training.epochs={s.stage3_epochs}', 'training.freeze=[]',
+        cap = [] if s.stage3_max_steps is None else [f'training.max_steps={int(s.stage3_max_steps)}']   # its cosine ends there
+        return ['training.stage=3', f'training.epochs={s.stage3_epochs}', 'training.freeze=[]', *cap,
                 f'training.lr={cfg.training.lr * s.stage3_lr_mult}',
                 f'loss.weights.diversity={s.stage3_diversity}', f'loss.weights.physics={s.stage3_physics}',
                 'loss.schedules={}', 'loss.ramps={}', 'model.refine_from_epoch=0',
@@ -138,6 +139,7 @@ def stage_config(cfg: DictConfig, # the run's config (preset + user overrides), 
 # %% ../nbs/10_stages.ipynb #d4e5f6a2
 # config key the recipe sets -> per stage, the key that sets it (absent: fixed by the recipe)
 RECIPE_SOURCES = {
+    'training.max_steps': {3: 'stages.stage3_max_steps (null: whole epochs)'},
     'training.epochs': {1: 'stages.stage1_epochs (per component: stages.stage1_component_epochs)',
                         2: 'stages.stage2_epochs',
                         3: 'stages.stage3_epochs',
@@ -224,6 +226,7 @@ def recipe(preset: str = 'h200', # preset name or YAML path
         cfg = stage_config(base, stage, comp)
         t = cfg.training
         spe, exact = steps_per_epoch(cfg, clips=stage == 'video')
+        steps = None if spe is None else min(spe * int(t.epochs), t.max_steps or spe * int(t.epochs))   # max_steps caps
         frozen = list(t.freeze)
         rows.append(
             dict(
@@ -232,7 +235,7 @@ def recipe(preset: str = 'h200', # preset name or YAML path
                 name=f'{stage} {comp}' if comp else str(stage),
                 epochs=int(t.epochs),
                 steps_per_epoch=spe,
-                steps=None if spe is None else spe * int(t.epochs),
+                steps=steps,
                 steps_exact=exact,
                 lr_heads=float(t.lr),
                 lr_backbone=None if 'backbone' in frozen else float(t.lr * t.backbone_lr_mult),
@@ -247,7 +250,7 @@ def recipe(preset: str = 'h200', # preset name or YAML path
                 T_0_steps=(
                     None
                     if spe is None and (t.T_0_epochs is not None or t.anneal_to_end)
-                    else scheduler_period(cfg, spe or 1, None if spe is None else spe * int(t.epochs))
+                    else scheduler_period(cfg, spe or 1, steps)
                 ),
                 T_mult=int(t.T_mult),
                 warmup_steps=int(t.warmup_steps),
