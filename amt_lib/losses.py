@@ -5,6 +5,7 @@
 # %% ../nbs/08_losses.ipynb #00e32f92
 from __future__ import annotations
 import math
+import numpy as np
 from collections.abc import Mapping
 import torch
 import torch.nn as nn
@@ -175,21 +176,24 @@ def match_objects(logits: Tensor, # (B,Q,C) class logits, class 0 = no object
                   position_cost: float = 5.0, # weight of the centre distance, per metre
                  ) -> Tensor:
     "For every predicted slot, the index of the true object it is matched to, or -1: (B,Q) long."
+    B, Q = pos.shape[:2]
+    gv = gt_valid.bool().cpu()
+    n = gv.sum(1)
+    if len(n) and int(n.max()) > Q: raise ValueError(f'{int(n.max())} valid objects but only {Q} prediction slots')
     prob = logits.float().softmax(-1).cpu()                   # (B,Q,C)
     dist = torch.cdist(pos.float(), gt_pos.float()).cpu()     # (B,Q,M)
-    gc, gv = gt_class.long().cpu(), gt_valid.bool().cpu()
-    B, Q = pos.shape[:2]
-    match = torch.full((B, Q), -1, dtype=torch.long)
+    gc = gt_class.long().cpu().clamp(0, prob.shape[-1] - 1)   # a padded slot's label is never used
+    p_true = prob.gather(-1, gc[:, None, :].expand(B, Q, gc.shape[1]))   # (B,Q,M) p(each true object's class)
+    # the whole batch's costs in one pass (the per-sample loop only runs the assignment);
+    # a non-finite prediction must give a non-finite loss (which the trainer counts), not a scipy error
+    cost = torch.nan_to_num(-class_cost * p_true + position_cost * dist, nan=1e6, posinf=1e6, neginf=-1e6).numpy()
+    valid, match = gv.numpy(), np.full((B, Q), -1, dtype=np.int64)
     for b in range(B):
-        m = gv[b].nonzero().flatten()                         # valid object slots
+        m = valid[b].nonzero()[0]                             # valid object slots
         if len(m) == 0: continue
-        if len(m) > Q: raise ValueError(f'{len(m)} valid objects but only {Q} prediction slots')
-        cost = -class_cost * prob[b][:, gc[b, m]] + position_cost * dist[b][:, m]   # (Q,len(m))
-        # a non-finite prediction must give a non-finite loss (which the trainer counts), not a scipy error
-        cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
-        qi, mi = linear_sum_assignment(cost.numpy())
-        match[b, torch.as_tensor(qi)] = m[torch.as_tensor(mi)]
-    return match.to(pos.device)
+        qi, mi = linear_sum_assignment(cost[b][:, m])
+        match[b, qi] = m[mi]
+    return torch.from_numpy(match).to(pos.device)
 
 def matched_pairs(match: Tensor, # (B,Q) from `match_objects`
                  ) -> tuple[Tensor, Tensor, Tensor]:

@@ -144,12 +144,15 @@ class LivePlot:
                  plot_dir: str | os.PathLike | None = None, # folder of the PNG; None: not saved
                  show: bool | None = None, # show in the notebook (None: when running in a Jupyter kernel)
                  dpi: int = 90, # resolution of the PNG, dots per inch
+                 tight: bool = False, # crop the PNG to what is drawn (a second render: figures that set their own margins,
+                                      # as `plot_history`'s and tight_layout ones, need not)
                 ):
         self.name, self.plot_dir, self.dpi, self.handle = name, Path(plot_dir) if plot_dir else None, dpi, None
+        self.tight = tight
         self.show = in_kernel() if show is None else show
     def update(self, fig) -> bytes:
         "Render `fig`, save its PNG, show or refresh it; returns the PNG bytes."
-        buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=self.dpi, bbox_inches='tight'); png = buf.getvalue()
+        buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=self.dpi, bbox_inches='tight' if self.tight else None); png = buf.getvalue()
         if self.plot_dir is not None:
             self.plot_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.plot_dir / f'.{self.name}.png.tmp'
