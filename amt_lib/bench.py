@@ -26,7 +26,7 @@ from .models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from .models.amt import build_model
 from .losses import AMTLoss
 from .learner.core import Callback, seed_everything
-from .learner.optim import param_groups, make_scheduler, adamw
+from .learner.optim import param_groups, make_scheduler, adamw, make_optimizer
 from .learner.train import build_learner, close_callbacks
 from .stages import stage_config, steps_per_epoch, recipe
 from .pipeline import evaluation_data, run_stage, run_pipeline
@@ -1197,9 +1197,9 @@ def learner_overhead(cfg, # the run's config (`load_config`, or `amt_lib.stages.
         with contextlib.redirect_stdout(io.StringIO()): learn = build_learner(cfg, run_dir or tmp.name)
         dev, dtype = learn.device, learn.dtype
         model, loss_module = copy.deepcopy(learn.raw_model).to(dev), copy.deepcopy(learn.loss_module)
-        opt = adamw(
-            param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module}), tc.lr
-        )
+        opt = make_optimizer(   # the optimiser `train` builds (training.optimizer)
+            param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module}), model, tc.lr,
+            tc.optimizer)
         sched = make_scheduler(opt, tc.warmup_steps, learn.T_0, tc.T_mult, tc.min_lr)
         params = [p for g in opt.param_groups for p in g['params']]
         # same data, own position

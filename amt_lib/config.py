@@ -237,7 +237,7 @@ RULES: dict[str, Rule] = {
     'training.max_minutes': nullable(num_gt(0)), 'training.batch_size': int_ge(1), 'training.accumulation': int_ge(1),
     'training.lr': num_gt(0), 'training.backbone_lr_mult': num_ge(0), 'training.weight_decay': num_ge(0),
     'training.warmup_steps': int_ge(0), 'training.T_0': int_ge(1), 'training.T_mult': int_ge(1),
-    'training.min_lr': num_ge(0),
+    'training.min_lr': num_ge(0), 'training.optimizer': one_of('adamw', 'muon'),
     'training.grad_clip': nullable(num_ge(0)), 'training.precision': one_of('auto', 'bf16', 'fp32'),
     'training.device': matches(r'auto|cpu|cuda(:\d+)?', 'one of auto | cpu | cuda | cuda:N'),
     'training.ema_decay': num_in(0, 1, hi_open=True), 'training.ema_warmup': int_ge(0),

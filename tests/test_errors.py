@@ -161,6 +161,11 @@ def test_resume_refuses_freeze_change(capsys, smoke):
     rc, _, err = amt(capsys, 'train', '--resume', last, 'training.freeze=[backbone]', 'training.epochs=2', *QUIET)
     assert_one_error(rc, err, 'train', 'training.freeze')
 
+def test_resume_refuses_another_optimizer(capsys, smoke):
+    _, last, _ = smoke
+    rc, _, err = amt(capsys, 'train', '--resume', last, 'training.optimizer=muon', 'training.epochs=2', *QUIET)
+    assert_one_error(rc, err, 'train', 'training.optimizer', "'adamw' -> 'muon'")
+
 def test_resume_applies_a_new_lr(capsys, smoke, tmp_path):
     from amt_lib.learner.checkpoint import load_checkpoint
     d, last, _ = smoke

@@ -43,11 +43,12 @@ def test_fixture_resume_mid_epoch_exact(tmp_path):
     assert max(abs(a - b) for a, b in zip(part.l + rest.l, full.l)) <= 1e-6
 
 @needs_data
-def test_train_resume_mid_epoch_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_train_resume_mid_epoch_exact(tmp_path, monkeypatch, optimizer):
     from amt_lib.config import load_config
     from amt_lib.learner.train import train
     monkeypatch.setenv('WANDB_MODE', 'disabled')                     # W&B off is also a supported setting
-    ov = QUIET + ['training.epochs=2', 'training.eval_every=2']       # smoke: 4 steps per epoch, 8 in all
+    ov = QUIET + ['training.epochs=2', 'training.eval_every=2', f'training.optimizer={optimizer}']   # smoke: 4 steps per epoch, 8 in all
     train(load_config('smoke', ov), tmp_path/'full')
     train(load_config('smoke', ov + ['training.max_steps=3']), tmp_path/'cut')
     ck = load_checkpoint(tmp_path/'cut'/'checkpoints'/'last.pt')

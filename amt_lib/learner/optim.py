@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['warmup_cosine_restarts', 'param_groups', 'make_scheduler', 'adamw', 'ema_decay_at']
+__all__ = ['OPTIMIZERS', 'warmup_cosine_restarts', 'param_groups', 'make_scheduler', 'adamw', 'MuonAdamW', 'make_optimizer',
+           'ema_decay_at']
 
 # %% ../../nbs/09a_learner.optim.ipynb #b7e2b988
 def warmup_cosine_restarts(step: int, # optimiser step being taken, 0-based
@@ -71,6 +72,66 @@ def adamw(params, # parameters or parameter groups (`param_groups`), as for torc
     ps = [p for g in params for p in (g['params'] if isinstance(g, dict) else [g])]
     fused = bool(ps) and all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') for p in ps)
     return torch.optim.AdamW(params, lr=lr, **({'fused': True} | kw if fused else kw))
+
+# %% ../../nbs/09a_learner.optim.ipynb #a28d8e0e
+class MuonAdamW(torch.optim.Optimizer):
+    "Muon (`torch.optim.Muon`) for the `nn.Linear` weights of `model` (both sides >= `min_side`), AdamW for the rest, as one optimiser."
+    def __init__(self, groups: list[dict], # parameter groups (`param_groups`): lr, weight_decay and name per group
+                 model: nn.Module, # the model whose nn.Linear weights go to Muon (any other tensor: AdamW)
+                 lr: float, # default learning rate (each group's own lr wins)
+                 momentum: float = 0.95, # Muon's momentum (Nesterov)
+                 ns_steps: int = 5, # Newton-Schulz iterations of Muon's orthogonalisation
+                 min_side: int = 8, # a Linear weight with a side below this (a 3-d point in or out) stays on AdamW
+                ):
+        linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and min(m.weight.shape) >= min_side}
+        mg, ag = [], []
+        for g in groups:
+            ps = list(g['params'])
+            m = [p for p in ps if id(p) in linear]; a = [p for p in ps if id(p) not in linear]
+            if m: mg.append(dict(g, params=m, name=g.get('name', 'group') + '.muon'))
+            if a: ag.append(dict(g, params=a))
+        self.muon = torch.optim.Muon(mg, lr=lr, momentum=momentum, nesterov=True, ns_steps=ns_steps,
+                                     adjust_lr_fn='match_rms_adamw') if mg else None
+        self.adam = adamw(ag, lr) if ag else None
+        if not (mg or ag): raise ValueError('MuonAdamW: no parameters to optimise')
+        super().__init__(self._groups(), {})   # the same group dicts: the schedule's lr changes reach both
+
+    def _groups(self) -> list[dict]: return [g for o in (self.muon, self.adam) if o is not None for g in o.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for o in (self.muon, self.adam):
+            if o is not None: o.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {'muon': self.muon and self.muon.state_dict(), 'adam': self.adam and self.adam.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        if set(state) != {'muon', 'adam'}:
+            raise ValueError('MuonAdamW.load_state_dict: this state is not a MuonAdamW state (keys '
+                             f'{sorted(state)[:4]}); it was saved by another optimiser (training.optimizer differs)')
+        for o, k in ((self.muon, 'muon'), (self.adam, 'adam')):
+            if (o is None) != (state[k] is None):
+                raise ValueError(f'MuonAdamW.load_state_dict: the {k} part is '
+                                 f'{"missing" if state[k] is None else "not expected"}: another model or freeze')
+            if o is not None: o.load_state_dict(state[k])
+        self.param_groups = self._groups()      # load_state_dict made new group dicts
+
+OPTIMIZERS = ('adamw', 'muon')
+
+def make_optimizer(groups: list[dict], # parameter groups (`param_groups`)
+                   model: nn.Module, # the model (Muon: its nn.Linear weights)
+                   lr: float, # learning rate
+                   kind: str = 'adamw', # training.optimizer: 'adamw' or 'muon'
+                  ) -> torch.optim.Optimizer:
+    "The optimiser `training.optimizer` names: fused AdamW over the groups, or `MuonAdamW`."
+    if kind == 'adamw': return adamw(groups, lr)
+    if kind == 'muon': return MuonAdamW(groups, model, lr)
+    raise ValueError(f'training.optimizer={kind!r}: expected one of {", ".join(OPTIMIZERS)}')
 
 # %% ../../nbs/09a_learner.optim.ipynb #4fae6cc9
 def ema_decay_at(step: int, # optimiser steps done (>= 1 after the first)

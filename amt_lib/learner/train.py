@@ -15,7 +15,7 @@ from ..config import (load_config, apply_overrides, config_to_yaml, git_commit, 
 from .runs import default_run_dir, save_run_config, prepare_run_dir, load_init_weights, resume_config
 from ..runtime import resolve_device, resolve_precision
 from .core import *
-from .optim import param_groups, make_scheduler, adamw
+from .optim import param_groups, make_scheduler, adamw, make_optimizer
 from .reporting import progress_mode, wandb_names
 from .callbacks import *
 from .checkpoint import *
@@ -246,7 +246,7 @@ class AMTLearner(Learner):
     def __init__(self, model: nn.Module, # the AMT model (unwrapped; DDPCB wraps it)
                  dls: Sequence, # (train loader, validation loader)
                  loss_module: nn.Module, # `AMTLoss` (its dynamic weights are trained too)
-                 *, opt: torch.optim.Optimizer, # AdamW over `param_groups`
+                 *, opt: torch.optim.Optimizer, # `make_optimizer` over `param_groups` (training.optimizer)
                  cfg: DictConfig, # the run's config
                  run_dir: Path, # the run's folder
                  device: torch.device, # where the model and batches live
@@ -301,7 +301,7 @@ def build_learner(cfg: DictConfig, # the run's config
     sources = (train_dl.source, val_dl.source)                       # the data sets, for the skip reports
     train_dl = ResumableLoader(train_dl, rank, world_size, batch_size=int(tc.batch_size))
     groups = param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay, extra={'loss': loss_module})
-    opt = adamw(groups, tc.lr)
+    opt = make_optimizer(groups, model, tc.lr, tc.optimizer)
     T_0 = scheduler_period(cfg, optimiser_steps(len(train_dl), tc.accumulation), total_steps(cfg, len(train_dl)))
     sched = make_scheduler(opt, tc.warmup_steps, T_0, tc.T_mult, tc.min_lr)
     n_total = total_steps(cfg, len(train_dl))
@@ -354,7 +354,7 @@ def build_learner(cfg: DictConfig, # the run's config
     return learn
 
 # %% ../../nbs/09h_learner.train.ipynb #78f804e2
-RESUME_REFUSED = ('training.freeze', 'loss.dynamic_weighting')   # they change the optimiser's parameter groups
+RESUME_REFUSED = ('training.freeze', 'loss.dynamic_weighting', 'training.optimizer')   # they change the optimiser: its parameter groups or its kind
 RESUME_LR_KEYS = ('training.lr', 'training.backbone_lr_mult', 'training.weight_decay')
 
 def check_resume(ckpt: Any, # what `load_checkpoint(path)` returned
@@ -367,7 +367,7 @@ def check_resume(ckpt: Any, # what `load_checkpoint(path)` returned
     check_checkpoint_mano(ckpt, cfg, path)
     bad = config_mismatch(ckpt['config'], cfg, prefixes=RESUME_REFUSED, ignore=())
     if bad: raise ConfigError('cannot resume with another ' + ', '.join(f'{k} ({a!r} -> {b!r})' for k, a, b in bad) +
-                              f": they change the optimiser's parameter groups; "
+                              f": they change the optimiser (its parameter groups or its kind); "
                               f"resume {path} without them, or start a new run "
                               f'with training.init_from={path}')
     return ckpt
