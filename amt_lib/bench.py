@@ -37,8 +37,8 @@ __all__ = ['SECTIONS', 'YARDSTICKS', 'H200_BF16_DENSE_PEAK', 'BF16_DENSE_PEAKS',
            'bench_training', 'bench_inference', 'bench_loader', 'compiled_vs_eager', 'run_benchmarks', 'bench_table',
            'bench_command', 'bf16_peak_flops', 'model_flops_utilisation', 'PartTimeout', 'run_in_time', 'run_child',
            'gpu_check_rows', 'gpu_check', 'gpu_check_command', 'PlainCNN', 'plain_cnn_loss', 'train_plain_cnn',
-           'amt_hand_run', 'learner_overhead', 'stage_flops', 'stage_flops_table', 'bench_cache', 'bench_synthhoi',
-           'cache_bench_command', 'synth_bench_command']
+           'amt_hand_run', 'learner_overhead', 'optimizer_flops_per_step', 'stage_flops', 'stage_flops_table',
+           'bench_cache', 'bench_synthhoi', 'cache_bench_command', 'synth_bench_command']
 
 # %% ../nbs/13_bench.ipynb #7fba52b6
 def _sync(device: torch.device | str):
@@ -1275,6 +1275,23 @@ def learner_overhead(cfg, # the run's config (`load_config`, or `amt_lib.stages.
         device=device_name(dev),
     )
 
+# %% ../nbs/13_bench.ipynb #72b76db3
+def optimizer_flops_per_step(model: nn.Module, # the model as trained (frozen parts: requires_grad False)
+                             cfg, # the run's config: training.optimizer, lr, weight decay
+                            ) -> float: # FLOPs of one optimiser step as counted
+    "FLOPs of one `make_optimizer` step over the trainable parameters (FlopCounterMode: Muon's Newton-Schulz matmuls; AdamW's elementwise update counts 0)."
+    from torch.utils.flop_counter import FlopCounterMode
+    t = cfg.training
+    m = copy.deepcopy(model)                                    # the step moves the weights: count on a copy
+    groups = param_groups(m, float(t.lr), float(t.backbone_lr_mult), float(t.weight_decay))
+    if not groups: return 0.
+    opt = make_optimizer(groups, m, float(t.lr), str(t.optimizer))
+    for g in groups:
+        for q in g['params']: q.grad = torch.randn_like(q)
+    fc = FlopCounterMode(display=False)
+    with fc: opt.step()
+    return float(fc.get_total_flops())
+
 # %% ../nbs/13_bench.ipynb #d1e0f8b5
 def _frozen_amt_row(r: dict, model: nn.Module, cfg, dev: torch.device) -> dict:
     "A run that trains a head on the frozen AMT (stage 4, video): the AMT's forward passes; the head's FLOPs not counted."
@@ -1294,7 +1311,7 @@ def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
                 device: str = 'cpu', # where the FLOPs are counted (the count does not depend on it)
                 log: Callable[[str], Any] | None = print, # gets the table; None: silent
                ) -> list[dict]: # one row per training run of the recipe, then a 'total' row
-    "Training FLOPs of every run of the recipe (`amt_lib.stages.recipe`): steps x batch x FLOPs/sample (fwd + bwd)."
+    "Training FLOPs of every run of the recipe (`amt_lib.stages.recipe`): steps x (batch x FLOPs/sample (fwd + bwd) + the optimiser's FLOPs/step)."
     from omegaconf import OmegaConf
     dev, rows = torch.device(device), []
     for r in recipe(preset, overrides):
@@ -1310,6 +1327,7 @@ def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
         if set(t.freeze) >= set(model.components):
             rows.append(_frozen_amt_row(r, model, cfg, dev)); continue
         fl = {True: _model_flops(model, cfg, lf, dev)}
+        opt_fl = optimizer_flops_per_step(model, cfg)                 # per optimiser step (Muon: Newton-Schulz)
         before = min(r['refine_from_epoch'], r['epochs']) * (r['steps_per_epoch'] or 0) if r['refine_steps'] else 0
         # epochs before refine_from_epoch
         if before: model.refine = False; fl[False] = _model_flops(model, cfg, lf, dev)
@@ -1319,7 +1337,7 @@ def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
             b = min(before, steps)
             train = per_step * (
                 b * fl.get(False, fl[True])['train_flops_per_sample'] + (steps - b) * fl[True]['train_flops_per_sample']
-            )
+            ) + steps * opt_fl
             evals = (steps // ev + (steps % ev != 0)) if ev else 1
         n_val = int(cfg.data.val_size) if r['config'].data.source == 'synth' else None
         rows.append(
@@ -1335,6 +1353,7 @@ def stage_flops(preset: str = 'cpu-demo', # preset name or YAML path
                 frozen=list(t.freeze),
                 train_flops_per_sample=fl[True]['train_flops_per_sample'],
                 forward_flops_per_sample=fl[True]['forward_flops_per_sample'],
+                optimizer_flops_per_step=opt_fl,
                 steps_without_refine=before,
                 train_flops_per_sample_without_refine=fl[False]['train_flops_per_sample'] if before else None,
                 train_flops=train,
@@ -1368,7 +1387,8 @@ def stage_flops_table(rows: list[dict], # `stage_flops` rows, the 'total' row la
     "`stage_flops` rows as a fixed-width table: GFLOP per sample, TFLOP per run and their shares."
     f = lambda v, fmt, scale=None: '?' if v is None else fmt.format(v if scale is None else v / scale)
     total = rows[-1]['train_flops']
-    head = ['run', 'steps', 'samples', 'train GFLOP/sample', 'training TFLOP', 'share', 'validation TFLOP']
+    head = ['run', 'steps', 'samples', 'train GFLOP/sample', 'optimiser GFLOP/step', 'training TFLOP', 'share',
+            'validation TFLOP']
     # DexYCB without the frames that have no hand: upper bounds
     le = lambda r: '' if r.get('steps_exact', True) else '<= '
     out = [head] + [
@@ -1377,6 +1397,7 @@ def stage_flops_table(rows: list[dict], # `stage_flops` rows, the 'total' row la
             le(r) + f(r['steps'], '{:,d}'),
             le(r) + f(r['samples'], '{:,d}'),
             f(r['train_flops_per_sample'], '{:.3f}', 1e9) if 'train_flops_per_sample' in r else '',
+            f(r['optimizer_flops_per_step'], '{:.3f}', 1e9) if 'optimizer_flops_per_step' in r else '',
             f(r['train_flops'], '{:,.2f}', 1e12),
             f'{r["train_flops"] / total:.0%}' if total and r['train_flops'] is not None else '?',
             f(r['eval_flops'], '{:,.3f}', 1e12),
@@ -1386,7 +1407,8 @@ def stage_flops_table(rows: list[dict], # `stage_flops` rows, the 'total' row la
     w = [max(len(x[i]) for x in out) for i in range(len(head))]
     return (
         f'training FLOPs of the {name} recipe (FlopCounterMode over one forward + backward as run: '
-        'frozen parts without weight gradients; matmuls, convolutions, attention)\n'
+        'frozen parts without weight gradients; matmuls, convolutions, attention; and over one optimiser step: '
+        "Muon's Newton-Schulz matmuls)\n"
         + '\n'.join('  '.join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(row)) for row in out)
         + ('\n* a head trained on the frozen AMT: its samples are the AMT forward passes (once per frame when the video '
            'stage caches them), counted forward only; the head\'s own FLOPs and validation are not counted'
