@@ -398,6 +398,7 @@ ADDED_KEYS = {
     'loss.weights.hand_mano': 0.0,            # before: no loss on the MANO layer's joints
     'stages.stage3_max_steps': None,          # before: stage 3 always ran its stage3_epochs whole
     'stages.stage1_component_epochs': {},     # before: every stage-1 component trained stages.stage1_epochs
+    'training.optimizer': 'adamw',           # before: AdamW always
 }
 
 def _fill_added(d: dict) -> list[str]:
