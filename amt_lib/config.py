@@ -396,6 +396,7 @@ ADDED_KEYS = {
     'model.heatmap_hidden': 64,
     'loss.weights.heatmap': 0.0,
     'loss.weights.hand_mano': 0.0,            # before: no loss on the MANO layer's joints
+    'loss.weights.hand_aligned': 0.0,         # before: no Procrustes-aligned joint term
     'stages.stage3_max_steps': None,          # before: stage 3 always ran its stage3_epochs whole
     'stages.stage1_component_epochs': {},     # before: every stage-1 component trained stages.stage1_epochs
     'training.optimizer': 'adamw',           # before: AdamW always

@@ -16,8 +16,8 @@ from torch import Tensor
 __all__ = ['project_points', 'crop_resize_affine', 'affine_K', 'crop_resize_K', 'warp_affine', 'rotation_affine',
            'camera_axis_rotation', 'rotate_about_camera_axis', 'quat_to_matrix', 'matrix_to_quat', 'rot6d_to_matrix',
            'matrix_to_rot6d', 'axis_angle_to_matrix', 'matrix_to_axis_angle', 'geodesic_angle', 'crop_ray_rotation',
-           'procrustes_dexycb', 'procrustes_similarity', 'rodrigues', 'axis_rotation', 'matrix_to_axis_angle_np',
-           'random_rotation', 'project', 'crop_K', 'hand_crop_box', 'sample_surface']
+           'procrustes_dexycb', 'similarity_fit', 'procrustes_similarity', 'rodrigues', 'axis_rotation',
+           'matrix_to_axis_angle_np', 'random_rotation', 'project', 'crop_K', 'hand_crop_box', 'sample_surface']
 
 # %% ../nbs/03_geometry.ipynb #469d1469
 def project_points(
@@ -196,11 +196,11 @@ def procrustes_dexycb(
     s = S.sum(-1)[..., None, None]
     return ((p0 @ R.transpose(-1, -2)) * s * s1 + t1).to(pred.dtype)
 
-def procrustes_similarity(
+def similarity_fit(
     pred:Tensor, # (B,N,3) predicted points
     gt:Tensor,   # (B,N,3) ground-truth points
-)->Tensor:       # (B,N,3) pred aligned to gt, input dtype
-    "Reflection-free similarity alignment of `pred` to `gt` (Umeyama): the usual PA-MPJPE alignment."
+)->tuple[Tensor, Tensor, Tensor, Tensor]: # scale (B,), R (B,3,3), pred's mean (B,1,3), gt's mean (B,1,3); float64
+    "Umeyama's reflection-free similarity taking `pred` onto `gt`: `scale * (pred - mp) @ R.T + mg` (least squares)."
     p, g = pred.to(torch.float64), gt.to(torch.float64)
     mp, mg = p.mean(-2, keepdim=True), g.mean(-2, keepdim=True)
     p0, g0 = p - mp, g - mg
@@ -211,7 +211,15 @@ def procrustes_similarity(
     D = torch.ones_like(S); D[..., -1] = d
     R = U @ torch.diag_embed(D) @ Vh                             # proper rotation, det +1
     scale = (S * D).sum(-1) / var_p.clamp_min(1e-12)
-    return (scale[..., None, None] * p0 @ R.transpose(-1, -2) + mg).to(pred.dtype)
+    return scale, R, mp, mg
+
+def procrustes_similarity(
+    pred:Tensor, # (B,N,3) predicted points
+    gt:Tensor,   # (B,N,3) ground-truth points
+)->Tensor:       # (B,N,3) pred aligned to gt, input dtype
+    "Reflection-free similarity alignment of `pred` to `gt` (Umeyama): the usual PA-MPJPE alignment."
+    scale, R, mp, mg = similarity_fit(pred, gt)
+    return (scale[..., None, None] * (pred.to(torch.float64) - mp) @ R.transpose(-1, -2) + mg).to(pred.dtype)
 
 # %% ../nbs/03_geometry.ipynb #f2fbf720
 @njit(cache=True)

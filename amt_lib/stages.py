@@ -19,7 +19,7 @@ __all__ = ['STAGE1_TERMS', 'STAGE_NAMES', 'RECIPE_SOURCES', 'DEXYCB_TRAIN_FRAMES
 # %% ../nbs/10_stages.ipynb #614cd402
 # loss terms each stage-1 component is trained on (the others are switched off during its phase)
 STAGE1_TERMS = {
-    'hand_encoder': ('hand_coarse', 'hand_refined', 'hand_mano', 'mano', 'reprojection', 'heatmap', 'confidence',
+    'hand_encoder': ('hand_coarse', 'hand_refined', 'hand_mano', 'hand_aligned', 'mano', 'reprojection', 'heatmap', 'confidence',
                      'diversity', 'kl'),
     'object_encoder': ('object_position', 'object_rotation', 'object_class', 'kl'),
     'contact_encoder': ('contact', 'contact_point', 'kl'),

@@ -1,4 +1,5 @@
 "Learning test of the generative back ends: a tiny token-mode DiT learns a conditional bimodal 2-D distribution."
+import os
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from amt_lib.models.generative import DiffusionProcess, FlowMatchingProcess
 MODES = torch.tensor([[[1., 1.], [-1., -1.]], [[1., -1.], [-1., 1.]]]) * 0.8   # (context, mode, xy)
 MODE_STD = 0.05
 NEAR = 0.3   # a sample within this of one of its context's modes hits that mode
+THREADS = int(os.environ.get('OMP_NUM_THREADS') or 2)   # .ci/test: 1 in each of its two pytest workers
 
 
 def toy_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +65,7 @@ def check(before: dict, after: dict):
 
 @pytest.mark.parametrize('backend', ['flow_matching', 'diffusion'])
 def test_dit_learns_bimodal(backend):
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     if backend == 'flow_matching':
         fresh, model = train(FlowMatchingProcess(path='condot', solver='euler', steps=20), steps=600)
         samplers = [FlowMatchingProcess(solver='euler', steps=20), FlowMatchingProcess(solver='midpoint', steps=10)]
@@ -102,7 +104,7 @@ def stage3_weights(run: Path) -> Path:
 @pytest.fixture(scope='module', params=['flow_matching', 'diffusion'])
 def stage4(request, tmp_path_factory):
     "Stage 4 of the smoke preset (its recipe: 1 epoch of 4 steps) after a stage 3, with each back end."
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     run = tmp_path_factory.mktemp(request.param)/'pipe'
     amt = stage3_weights(run)
     s = run_stage(4, 'smoke', [f'generative.backend={request.param}'], run, headless=True)
@@ -214,7 +216,7 @@ def square_batch(n: int, g: torch.Generator, size: int = 16) -> tuple[torch.Tens
 
 @pytest.mark.parametrize('backend', ['flow_matching', 'diffusion'])
 def test_mask_dit_learns_masks_from_its_context(backend):
-    torch.set_num_threads(2); torch.manual_seed(0)
+    torch.set_num_threads(THREADS); torch.manual_seed(0)
     proc = (FlowMatchingProcess(path='condot', solver='euler', steps=10) if backend == 'flow_matching'
             else DiffusionProcess(scheduler='ddim', steps=20, prediction_type='sample'))   # generative.mask.prediction_type
     md = MaskDiT(process=proc, size=16, patch_size=4, dim=32, depth=2, num_heads=4)
