@@ -12,7 +12,7 @@ from filelock import FileLock
 
 # `.ci/test` runs pytest with two xdist workers, whole files per worker (`--dist loadfile`), in collection order:
 # the files with the longest runs go first, so that neither worker is left with a long file at the end.
-SLOWEST_FIRST = ('test_pipeline.py', 'test_generative.py', 'test_gpu_check.py', 'test_stage_notebooks.py',
+SLOWEST_FIRST = ('test_rehearsal.py', 'test_pipeline.py', 'test_generative.py', 'test_gpu_check.py', 'test_stage_notebooks.py',
                  'test_learning.py', 'test_learner.py', 'test_inference.py', 'test_browser.py', 'test_video_stage.py')
 
 def pytest_collection_modifyitems(items):
