@@ -144,7 +144,7 @@ def build_pose_learner(cfg: DictConfig, # the stage's config (`stage_config(cfg,
                        callbacks: Iterable[Callback] = (), # extra callbacks after the run's own
                       ) -> GenerativeHeadLearner:
     "The Learner of stage 4's pose head on the frozen AMT of `weights`, restored from `ckpt` if given."
-    amt, _, _ = load_model(weights, cfg)
+    amt, _, _ = load_model(weights, cfg, compile=True)   # the frozen AMT runs every step: compiled as the run says
     model = PoseHeadModel(amt, build_pose_head(cfg, int(cfg.model.hidden_dim)))
     return build_head_learner(cfg, run_dir, model, pose_head_predict, pose_head_objective,
                               {'amt_weights': str(weights)}, ckpt, callbacks)

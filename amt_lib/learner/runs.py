@@ -180,6 +180,10 @@ def load_model(path: str | os.PathLike, # a checkpoint or weights file of amt_li
                cfg: DictConfig | None = None, # build this config's model (checked against the file's); None: the file's
                purpose: str = 'predict', # what the model is for (`validate_config`): predict | eval | export | bench
                use_ema: bool = True, # the EMA weights when the file has them
+               # False: an eager model, whatever the run trained with; True: torch.compile it as the config says
+               # (model.compile, model.compile_backend): a trained model is evaluated, inspected and exported eagerly,
+               # with no graph capture (on the GPU: no Inductor compile) before its first batch
+               compile: bool = False,
               ) -> tuple[nn.Module, DictConfig, str]: # (model in eval mode, its config, 'ema' | 'model')
     "Rebuild the model of a checkpoint and load its (EMA) weights strictly; errors name the file."
     path = Path(path)
@@ -189,7 +193,8 @@ def load_model(path: str | os.PathLike, # a checkpoint or weights file of amt_li
         try: cfg = validate_config(config_from_yaml(ck['config']), purpose)
         except ConfigError as e: raise ConfigError(f'checkpoint {path}: its config: {e}') from None
     else: check_checkpoint_config(ck, cfg, path)
-    model = build_model(cfg)
+    eager = cfg if compile or not cfg.model.compile else apply_overrides(cfg, {'model.compile': False}, f'checkpoint {path}')
+    model = build_model(eager)
     sd, src = ema_state_dict(ck, use_ema)
     try: model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
