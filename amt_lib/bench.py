@@ -27,7 +27,7 @@ from .models.amt import build_model
 from .losses import AMTLoss
 from .learner.core import Callback, seed_everything
 from .learner.optim import param_groups, make_scheduler, adamw, make_optimizer
-from .learner.train import build_learner, close_callbacks
+from .learner.train import build_learner, close_callbacks, TrainingStopped
 from .stages import stage_config, steps_per_epoch, recipe
 from .pipeline import evaluation_data, run_stage, run_pipeline
 
@@ -1135,6 +1135,10 @@ def amt_hand_run(preset: str = 'cpu-demo', # preset name or YAML path
     t = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()): s = run_stage(1, preset, ov, d, max_steps=steps, headless=False)
+    except TrainingStopped as e:   # its checkpoint goes with the temporary folder: nothing to resume
+        if run_dir is not None: raise
+        raise TrainingStopped(f"the AMT yardstick run {str(e).split(';')[0]} (its temporary folder is removed; "
+                              'run the benchmark again)') from None
     finally:
         if run_dir is None: shutil.rmtree(d, ignore_errors=True)
     sec = time.perf_counter() - t

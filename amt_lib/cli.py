@@ -21,6 +21,8 @@ _ERROR_CLASSES = (('amt_lib.config', 'ConfigError'), ('amt_lib.learner.checkpoin
                   ('amt_lib.data.dexycb', 'DexYCBError'), ('amt_lib.hand_model', 'MANOFileError'),
                   ('amt_lib.export', 'ExportError'), ('amt_lib.data.cache', 'CacheTooLarge'),
                   ('amt_lib.models.backbone', 'BackboneKeysError'), ('amt_lib.models.backbone', 'BackboneWeightsError'))
+# a training run or notebook that a stop signal ended after saving (amt_lib.learner.train, amt_lib.pipeline): not a bug
+_STOPPED = ('TrainingStopped', 'NotebookStopped')
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR,
                 errno.EISDIR, errno.EEXIST, errno.ENOENT}
 
@@ -65,6 +67,8 @@ def run_command(cmd: str, # the subcommand's name
     except Exception as e:
         sys.stdout.flush()
         if expected_error(e): print(error_line(cmd, e), file=sys.stderr); return 2
+        if any(c.__name__ in _STOPPED for c in type(e).__mro__):   # SIGTERM / Ctrl-C reached a training run inside
+            print(f"amt {cmd}: stopped: {' '.join(str(e).split())}", file=sys.stderr); return 130
         log = _bug_log(cmd, argv)
         traceback.print_exc()
         print(f'amt {cmd}: internal error (a bug in amt_lib, please report it with the log): {type(e).__name__}: '

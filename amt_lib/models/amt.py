@@ -165,9 +165,9 @@ def model_summary(cfg, # a config (`load_config`); its model is built with rando
     "What `amt model summary` prints: one line on the backbone and heads, then the parameter table."
     cfg = validate_config(cfg, 'model')
     t0 = time.perf_counter()
-    model = build_model(cfg, pretrained=False)
+    with torch.device('meta'): model = build_model(cfg, pretrained=False)   # shapes only: no memory, no initialisation
     bb = cfg.model.backbone
-    return (f"AMT, preset {cfg.name}: backbone {bb.name or 'tiny random DINOv2'} (random weights for counting), "
+    return (f"AMT, preset {cfg.name}: backbone {bb.name or 'tiny random DINOv2'} (built without weights, for counting), "
             f"{model.backbone.embed_dim} wide, {len(model.backbone.dinov2.encoder.layer)} layers, "
             f"{bb.freeze_layers} frozen; heads {cfg.model.hidden_dim} wide; built in {time.perf_counter() - t0:.1f} s\n"
             f"{parameter_summary(model)}")
