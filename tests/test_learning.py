@@ -1,7 +1,7 @@
 """The main job learns (issue 15): a short run of the cpu-demo model on cached SynthHOI beats the mean-pose baseline by a
 stated margin and keeps its predictions spread out (spread ratio above the mode-collapse alarm's threshold), with the
-guards on. Budget: at most 60 s on 2 CPU cores, rendering the 1,088 samples into the device cache included: 62-74 s
-measured with one thread beside another test worker (as `.ci/test` runs it), 129 s with the earlier 280 steps of 32."""
+guards on. Budget: 60 s on 2 CPU cores, rendering the 1,088 samples into the device cache included: 54-63 s measured
+in `.ci/test` (one torch thread, beside the other test worker); 123-129 s with the earlier 280 steps of 32."""
 import os
 import pytest
 import torch
