@@ -220,6 +220,7 @@ RULES: dict[str, Rule] = {
     'model.backbone.feature_layers': list_of(int_ge(1), nonempty=True),
     'model.backbone.attn_implementation': one_of('sdpa', 'eager'),
     'model.backbone.stem': one_of('patch', 'conv'), 'model.backbone.stem_width': int_ge(1),
+    'model.backbone.stem_first_stride': int_ge(2),
     'model.joint_residual_scale': num_ge(0),
     'model.mc_vertex_stride': int_ge(1),
     'model.heatmap_upsample': one_of(0, 1, 2, 4, 8), 'model.heatmap_hidden': int_ge(1),

@@ -133,19 +133,26 @@ def load_dinov2(name:str|None, # HF model name or local folder; None -> tiny ran
 
 # %% ../../nbs/07_models.backbone.ipynb #c2085cff
 class ConvStem(nn.Module):
-    "DINOv2's patch projection replaced by stride-2 conv-BN-GELU blocks down to the patch grid and a 1×1 projection."
+    "DINOv2's patch projection replaced by conv-BN-GELU blocks (a first stride, then stride 2) down to the patch grid and a 1×1 projection."
     def __init__(self, patch:int, # pixels per token side: a power of two
                  dim:int, # token width
                  width:int=16, # channels of the first convolution; doubled at each stride, at most `dim`
+                 first_stride:int=2, # the first convolution: 2 -> 3×3 stride 2; 4, 8, ... -> a k×k stride-k patchify
                 ):
         super().__init__()
         n = patch.bit_length() - 1
         if patch < 2 or 2 ** n != patch:
             raise ValueError(f'model.backbone.stem=conv needs a power-of-two model.backbone.patch_size, got {patch} '
                              '(try 8 or 16)')
-        chs = [3] + [min(dim, width * 2 ** i) for i in range(n)]
-        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.GELU())
-                                    for a, b in zip(chs, chs[1:])])
+        f = first_stride.bit_length() - 1
+        if first_stride < 2 or 2 ** f != first_stride or first_stride > patch:
+            raise ValueError(f'model.backbone.stem_first_stride={first_stride}: expected a power of two from 2 to the '
+                             f'patch size {patch}')
+        chs = [3] + [min(dim, width * 2 ** i) for i in range(n - f + 1)]
+        convs = [nn.Conv2d(3, chs[1], 3, 2, 1, bias=False) if first_stride == 2 else
+                 nn.Conv2d(3, chs[1], first_stride, first_stride, bias=False)]
+        convs += [nn.Conv2d(a, b, 3, 2, 1, bias=False) for a, b in zip(chs[1:], chs[2:])]
+        self.body = nn.Sequential(*[nn.Sequential(c, nn.BatchNorm2d(c.out_channels), nn.GELU()) for c in convs])
         self.proj = nn.Conv2d(chs[-1], dim, 1)
     @property
     def weight(self) -> Tensor: return self.proj.weight   # transformers casts the input to `projection.weight.dtype`
@@ -254,7 +261,7 @@ def build_backbone(mcfg, # the `model` section of a config
                        tiny=dict(hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
                                  patch_size=b.patch_size, image_size=image_size))
     if b.stem == 'conv':
-        stem = ConvStem(int(b.patch_size), dino.config.hidden_size, int(b.stem_width))
+        stem = ConvStem(int(b.patch_size), dino.config.hidden_size, int(b.stem_width), int(b.stem_first_stride))
         dino.embeddings.patch_embeddings.projection = stem
     bb = DinoBackbone(dino, feature_layers=list(b.feature_layers), freeze_layers=b.freeze_layers, image_size=image_size)
     if b.gradient_checkpointing: bb.set_gradient_checkpointing(True)
