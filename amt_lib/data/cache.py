@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os, json, time, math, shutil, tempfile
 from pathlib import Path
+from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
@@ -65,10 +66,22 @@ def _meta_columns(metas: list[dict], strings: dict[str, list[str]]) -> dict[str,
         else: out[k] = np.array([int(torch.as_tensor(v)) for v in vals], np.int64)
     return out
 
-def _to_numpy(name: str, x: torch.Tensor) -> np.ndarray:
-    if name == 'image': return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    if name == 'depth': return (x.float() * 1000).round().clamp(0, 65535).to(torch.int32).numpy().astype(np.uint16)
-    return x.numpy()
+def _to_stored(name: str, x: torch.Tensor) -> torch.Tensor:
+    "A field as it is stored: images as uint8 (0..255), depth as integer millimetres (written as uint16)."
+    if name == 'image': return (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    if name == 'depth': return (x.float() * 1000).round().clamp(0, 65535).to(torch.int32)
+    return x
+
+class _StackFields:
+    """`build_cache`'s collate: each cached field of a batch stacked into one tensor in its stored dtype, the metas as
+    a list. Run in a DataLoader worker, a batch crosses to the main process as a few tensors instead of one per field
+    and sample: with `collate_fn=list` the main process spent more time receiving samples than the workers rendering
+    them (1,024 SynthHOI samples: 8.0-9.6 s with 2 workers, 3.7-4.0 s in one process, 3.0-3.3 s stacked)."""
+    def __init__(self, fields: Sequence[str]): self.fields = list(fields)
+    def __call__(self, samples: list[dict]) -> dict:
+        out = {k: _to_stored(k, torch.stack([s[k] for s in samples])) for k in self.fields}
+        out['meta'] = [s['meta'] for s in samples]
+        return out
 
 def build_cache(dataset, # any dataset returning THE SAMPLE
                 cache_dir: str | os.PathLike, # parent folder; the cache goes to cache_dir/<key>
@@ -103,7 +116,7 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
     strings: dict[str, list[str]] = {}
     sub = torch.utils.data.Subset(dataset, range(N))
     # a stop signal is the main process's to handle
-    dl = DataLoader(sub, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
+    dl = DataLoader(sub, batch_size=batch_size, num_workers=num_workers, collate_fn=_StackFields(fields),
                     worker_init_fn=ignore_stop_signals if num_workers else None)
     t0, say = time.perf_counter(), (lambda m: print(m, flush=True)) if mode != 'quiet' else (lambda m: None)
     say(f'caching {key}: {N:,d} samples, about {N * bytes_per_sample(S, with_maps) / 1e6:,.1f} MB, into {out} '
@@ -113,11 +126,10 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
         from tqdm.auto import tqdm
         bar = tqdm(total=N, desc=f'caching {key}', unit='sample')
     i = 0
-    for samples in dl:
-        n = len(samples)
-        for k in fields:
-            arrs[k][i:i + n] = _to_numpy(k, torch.stack([s[k] for s in samples]))
-        for k, col in _meta_columns([s['meta'] for s in samples], strings).items(): meta[k][i:i + n] = col
+    for batch in dl:
+        n = len(batch['meta'])
+        for k in fields: arrs[k][i:i + n] = batch[k].numpy()   # (int32 depth into the uint16 file)
+        for k, col in _meta_columns(batch['meta'], strings).items(): meta[k][i:i + n] = col
         if bar is not None: bar.update(n)
         elif mode == 'plain' and i + n < N and (4 * (i + n)) // N > (4 * i) // N:     # a line at each quarter passed
             say(f'caching {key}: {i + n:,d}/{N:,d} samples after {time.perf_counter() - t0:.0f} s')
