@@ -14,6 +14,7 @@ from torch import Tensor
 from omegaconf import DictConfig
 import roma
 from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
 from .geometry import procrustes_dexycb, procrustes_similarity, quat_to_matrix, geodesic_angle
 
 # %% auto #0
@@ -194,7 +195,12 @@ def add_s(pred_pose: Tensor, # (...,3,4) predicted [R|t], metres
     pred_pose, gt_pose, points = _float(pred_pose), _float(gt_pose), _float(points)
     pp, pg = _transform(pred_pose, points), _transform(gt_pose, points)       # (...,P,3)
     pp, pg = torch.broadcast_tensors(pp, pg)
-    d = torch.cdist(pg, pp).amin(-1).mean(-1) * 1000.
+    # exact nearest neighbours from a k-d tree of each object's predicted points (float64, on the CPU): ~1 ms an
+    # object of 1,024 points, where the P x P distances of `torch.cdist` took ~9; a metric, so no gradient
+    a = pp.detach().cpu().double().reshape(-1, *pp.shape[-2:]).numpy()
+    b = pg.detach().cpu().double().reshape(-1, *pg.shape[-2:]).numpy()
+    near = [cKDTree(x).query(y)[0].mean() for x, y in zip(a, b)]
+    d = torch.tensor(near, dtype=torch.float64).reshape(pp.shape[:-2]).to(pp.device, pp.dtype) * 1000.
     return _reduce_objects(d, mask, reduce)
 
 # %% ../nbs/05_metrics.ipynb #bb6dcd61
