@@ -133,7 +133,7 @@ def load_dinov2(name:str|None, # HF model name or local folder; None -> tiny ran
 
 # %% ../../nbs/07_models.backbone.ipynb #c2085cff
 class ConvStem(nn.Module):
-    "DINOv2's patch projection replaced by conv-BN-GELU blocks (a first stride, then stride 2) down to the patch grid and a 1×1 projection."
+    "DINOv2's patch projection as conv-BN-GELU blocks to the patch grid (stride 2, `first_stride` first), then a 1×1 conv."
     def __init__(self, patch:int, # pixels per token side: a power of two
                  dim:int, # token width
                  width:int=16, # channels of the first convolution; doubled at each stride, at most `dim`
