@@ -191,7 +191,7 @@ def add_s(pred_pose: Tensor, # (...,3,4) predicted [R|t], metres
           mask: Tensor | None = None, # (...) valid objects
           reduce: bool = True,        # False: the (...) per-object values
          ) -> Tensor:
-    "ADD-S in mm: mean over true-pose points of the distance to the closest predicted-pose point."
+    "ADD-S in mm: mean over true-pose points of the distance to the closest predicted-pose point (a metric: no gradient)."
     pred_pose, gt_pose, points = _float(pred_pose), _float(gt_pose), _float(points)
     pp, pg = _transform(pred_pose, points), _transform(gt_pose, points)       # (...,P,3)
     pp, pg = torch.broadcast_tensors(pp, pg)
