@@ -224,6 +224,7 @@ RULES: dict[str, Rule] = {
     'model.joint_residual_scale': num_ge(0),
     'model.mc_vertex_stride': int_ge(1),
     'model.heatmap_upsample': one_of(0, 1, 2, 4, 8), 'model.heatmap_hidden': int_ge(1),
+    'model.activation': one_of('gelu', 'relu', 'silu'),
     'model.compile_backend': one_of('inductor', 'aot_eager', 'eager'),
     'model.hidden_dim': int_ge(1), 'model.num_heads': int_ge(1), 'model.num_layers': int_ge(1),
     'model.dropout': num_in(0, 1, hi_open=True),
@@ -395,6 +396,7 @@ ADDED_KEYS = {
     'model.hand_ray_frame': False,            # before: the hand's global rotation was predicted in the camera frame
     'model.heatmap_upsample': 0,              # before: no heatmap head
     'model.heatmap_hidden': 64,
+    'model.activation': 'gelu',                # before: GELU everywhere
     'loss.weights.heatmap': 0.0,
     'loss.weights.hand_mano': 0.0,            # before: no loss on the MANO layer's joints
     'loss.weights.hand_aligned': 0.0,         # before: no Procrustes-aligned joint term
