@@ -221,10 +221,10 @@ RULES: dict[str, Rule] = {
     'model.backbone.attn_implementation': one_of('sdpa', 'eager'),
     'model.backbone.stem': one_of('patch', 'conv'), 'model.backbone.stem_width': int_ge(1),
     'model.backbone.stem_first_stride': int_ge(2),
+    'model.backbone.stem_activation': one_of('gelu', 'relu'),
     'model.joint_residual_scale': num_ge(0),
     'model.mc_vertex_stride': int_ge(1),
     'model.heatmap_upsample': one_of(0, 1, 2, 4, 8), 'model.heatmap_hidden': int_ge(1),
-    'model.activation': one_of('gelu', 'relu', 'silu'),
     'model.compile_backend': one_of('inductor', 'aot_eager', 'eager'),
     'model.hidden_dim': int_ge(1), 'model.num_heads': int_ge(1), 'model.num_layers': int_ge(1),
     'model.dropout': num_in(0, 1, hi_open=True),
@@ -396,7 +396,7 @@ ADDED_KEYS = {
     'model.hand_ray_frame': False,            # before: the hand's global rotation was predicted in the camera frame
     'model.heatmap_upsample': 0,              # before: no heatmap head
     'model.heatmap_hidden': 64,
-    'model.activation': 'gelu',                # before: GELU everywhere
+    'model.backbone.stem_activation': 'gelu',  # before: conv-BN-GELU stem blocks
     'loss.weights.heatmap': 0.0,
     'loss.weights.hand_mano': 0.0,            # before: no loss on the MANO layer's joints
     'loss.weights.hand_aligned': 0.0,         # before: no Procrustes-aligned joint term

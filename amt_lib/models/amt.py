@@ -13,7 +13,6 @@ from ..geometry import project_points
 from ..runtime import unwrap_model
 from .backbone import DinoBackbone, build_backbone
 from .sigma_reparam import apply_sigma_reparam
-from .layers import swap_activations
 from .hand_head import HandEncoder
 from .object_head import ObjectEncoder
 from .contact_head import ContactEncoder
@@ -95,7 +94,6 @@ def build_model(cfg, # a config from `load_config` (uses `model` and `data.image
     contact = ContactEncoder(hand_dim=H, obj_dim=H, dim=int(m.contact_hidden), num_heads=heads, num_joints=21,
                              dropout=p)
     model = AMT(backbone=backbone, hand_encoder=hand, object_encoder=obj, contact_encoder=contact, refiner=refiner)
-    swap_activations(model, str(m.activation))   # the heads' and the conv stem's GELUs (the tiny backbone's: its config)
     if m.sigma_reparam:
         for n in COMPONENTS[1:]: apply_sigma_reparam(model.components[n])
     if m.sigma_reparam_backbone: apply_sigma_reparam(backbone)

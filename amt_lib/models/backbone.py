@@ -12,8 +12,9 @@ from transformers import Dinov2Config, Dinov2Model
 from transformers.utils import logging as hf_logging
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DINOV2_CONFIGS', 'BackboneWeightsError', 'BackboneKeysError', 'tiny_dinov2_config',
-           'dinov2_config', 'strict_from_pretrained', 'load_dinov2', 'ConvStem', 'DinoBackbone', 'build_backbone']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DINOV2_CONFIGS', 'STEM_ACTIVATIONS', 'BackboneWeightsError', 'BackboneKeysError',
+           'tiny_dinov2_config', 'dinov2_config', 'strict_from_pretrained', 'load_dinov2', 'ConvStem', 'DinoBackbone',
+           'build_backbone']
 
 # %% ../../nbs/07_models.backbone.ipynb #608debf6
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,13 +40,12 @@ def tiny_dinov2_config(*,
                        num_heads:int=3, # attention heads
                        patch_size:int=14, # pixels per patch side
                        image_size:int=224, # input side, pixels
-                       hidden_act:str='gelu', # the MLPs' activation (model.activation: gelu | relu | silu)
                       ) -> Dinov2Config:
     "A small randomly initialised DINOv2 architecture for CPU runs and tests (MLP ratio 4)."
     if hidden_size % num_heads:
         raise ValueError(f'model.backbone.hidden_size={hidden_size} is not divisible by num_heads={num_heads}')
     return Dinov2Config(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                        mlp_ratio=4, patch_size=patch_size, image_size=image_size, hidden_act=hidden_act)
+                        mlp_ratio=4, patch_size=patch_size, image_size=image_size)
 
 def dinov2_config(name:str, # a save_pretrained folder, a model name in the HF cache, or one of `DINOV2_CONFIGS`
                  ) -> Dinov2Config:
@@ -133,12 +133,15 @@ def load_dinov2(name:str|None, # HF model name or local folder; None -> tiny ran
     raise BackboneWeightsError(_weights_help(name))
 
 # %% ../../nbs/07_models.backbone.ipynb #c2085cff
+STEM_ACTIVATIONS = {'gelu': nn.GELU, 'relu': nn.ReLU}
+
 class ConvStem(nn.Module):
-    "DINOv2's patch projection as conv-BN-GELU blocks to the patch grid (stride 2, `first_stride` first), then a 1×1 conv."
+    "DINOv2's patch projection as conv-BN-activation blocks to the patch grid (stride 2, `first_stride` first), then a 1×1 conv."
     def __init__(self, patch:int, # pixels per token side: a power of two
                  dim:int, # token width
                  width:int=16, # channels of the first convolution; doubled at each stride, at most `dim`
                  first_stride:int=2, # the first convolution: 2 -> 3×3 stride 2; 4, 8, ... -> a k×k stride-k patchify
+                 act:str='gelu', # the blocks' activation: gelu | relu (model.backbone.stem_activation)
                 ):
         super().__init__()
         n = patch.bit_length() - 1
@@ -149,11 +152,14 @@ class ConvStem(nn.Module):
         if first_stride < 2 or 2 ** f != first_stride or first_stride > patch:
             raise ValueError(f'model.backbone.stem_first_stride={first_stride}: expected a power of two from 2 to the '
                              f'patch size {patch}')
+        if act not in STEM_ACTIVATIONS:
+            raise ValueError(f"model.backbone.stem_activation={act!r}: expected one of {', '.join(STEM_ACTIVATIONS)}")
         chs = [3] + [min(dim, width * 2 ** i) for i in range(n - f + 1)]
         convs = [nn.Conv2d(3, chs[1], 3, 2, 1, bias=False) if first_stride == 2 else
                  nn.Conv2d(3, chs[1], first_stride, first_stride, bias=False)]
         convs += [nn.Conv2d(a, b, 3, 2, 1, bias=False) for a, b in zip(chs[1:], chs[2:])]
-        self.body = nn.Sequential(*[nn.Sequential(c, nn.BatchNorm2d(c.out_channels), nn.GELU()) for c in convs])
+        Act = STEM_ACTIVATIONS[act]
+        self.body = nn.Sequential(*[nn.Sequential(c, nn.BatchNorm2d(c.out_channels), Act()) for c in convs])
         self.proj = nn.Conv2d(chs[-1], dim, 1)
     @property
     def weight(self) -> Tensor: return self.proj.weight   # transformers casts the input to `projection.weight.dtype`
@@ -262,10 +268,10 @@ def build_backbone(mcfg, # the `model` section of a config
                          'to train from scratch')
     dino = load_dinov2(b.name, pretrained=pre, attn_implementation=b.attn_implementation,
                        tiny=dict(hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
-                                 patch_size=b.patch_size, image_size=image_size,
-                                 hidden_act=str(mcfg.get('activation', 'gelu'))))   # a named DINOv2 keeps its own
+                                 patch_size=b.patch_size, image_size=image_size))
     if b.stem == 'conv':
-        stem = ConvStem(int(b.patch_size), dino.config.hidden_size, int(b.stem_width), int(b.stem_first_stride))
+        stem = ConvStem(int(b.patch_size), dino.config.hidden_size, int(b.stem_width), int(b.stem_first_stride),
+                        str(b.stem_activation))
         dino.embeddings.patch_embeddings.projection = stem
     bb = DinoBackbone(dino, feature_layers=list(b.feature_layers), freeze_layers=b.freeze_layers, image_size=image_size)
     if b.gradient_checkpointing: bb.set_gradient_checkpointing(True)

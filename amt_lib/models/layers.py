@@ -11,8 +11,8 @@ from torch.utils.checkpoint import checkpoint
 from .sigma_reparam import no_power_iteration, power_iteration_step
 
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'DEPTH_PER_FOCAL', 'Mlp', 'Attention', 'Block', 'BlockStack', 'swap_activations', 'SpatialSummary',
-           'pixel_to_camera', 'small_init_', 'CameraPositionHead', 'QueryDecoder']
+__all__ = ['DEPTH_PER_FOCAL', 'Mlp', 'Attention', 'Block', 'BlockStack', 'SpatialSummary', 'pixel_to_camera', 'small_init_',
+           'CameraPositionHead', 'QueryDecoder']
 
 # %% ../../nbs/07b_models.layers.ipynb #1c0c99b3
 class Mlp(nn.Module):
@@ -103,22 +103,6 @@ class BlockStack(nn.Module):
 
 def _run_block_fixed_sigma(b:Block, x:Tensor, ctx:Tensor|None) -> Tensor:
     with no_power_iteration(): return b(x, ctx)
-
-# %% ../../nbs/07b_models.layers.ipynb #1c97a284
-ACTIVATIONS = {'gelu': nn.GELU, 'relu': nn.ReLU, 'silu': nn.SiLU}
-
-def swap_activations(module:nn.Module, # changed in place
-                     name:str, # one of ACTIVATIONS (config key model.activation)
-                    ) -> int: # how many were replaced
-    "Replace every `nn.GELU` inside `module` by the activation `name`."
-    if name not in ACTIVATIONS:
-        raise ValueError(f'model.activation={name!r}: expected one of {", ".join(ACTIVATIONS)}')
-    if name == 'gelu': return 0
-    n = 0
-    for parent in module.modules():
-        for k, child in parent.named_children():
-            if type(child) is nn.GELU: setattr(parent, k, ACTIVATIONS[name]()); n += 1
-    return n
 
 # %% ../../nbs/07b_models.layers.ipynb #4ef45a70
 class SpatialSummary(nn.Module):
