@@ -221,7 +221,7 @@ RULES: dict[str, Rule] = {
     'model.backbone.attn_implementation': one_of('sdpa', 'eager'),
     'model.backbone.stem': one_of('patch', 'conv'), 'model.backbone.stem_width': int_ge(1),
     'model.backbone.stem_first_stride': int_ge(2),
-    'model.backbone.stem_activation': one_of('gelu', 'relu'),
+    'model.backbone.stem_activation': one_of('gelu', 'relu'), 'model.backbone.mlp_ratio': int_ge(1),
     'model.joint_residual_scale': num_ge(0),
     'model.mc_vertex_stride': int_ge(1),
     'model.heatmap_upsample': one_of(0, 1, 2, 4, 8), 'model.heatmap_hidden': int_ge(1),
@@ -397,6 +397,7 @@ ADDED_KEYS = {
     'model.heatmap_upsample': 0,              # before: no heatmap head
     'model.heatmap_hidden': 64,
     'model.backbone.stem_activation': 'gelu',  # before: conv-BN-GELU stem blocks
+    'model.backbone.mlp_ratio': 4,            # before: the tiny DINOv2's MLP ratio was fixed at 4
     'loss.weights.heatmap': 0.0,
     'loss.weights.hand_mano': 0.0,            # before: no loss on the MANO layer's joints
     'loss.weights.hand_aligned': 0.0,         # before: no Procrustes-aligned joint term

@@ -496,6 +496,7 @@ class MANOLayer(nn.Module):
         parents = np.asarray(m['kintree_table'])[0].astype(np.int64); parents[0] = -1
         if tuple(parents) != MANO_PARENTS: raise ValueError(f'{self.path}: unexpected kintree_table parents {parents}')
         self.levels = [[1, 4, 7, 10, 13], [2, 5, 8, 11, 14], [3, 6, 9, 12, 15]]      # joints by depth in the tree
+        assert [[MANO_PARENTS[j] for j in lvl] for lvl in self.levels] == [[0] * 5] + self.levels[:2]   # what `forward` batches on
 
     def pca_to_axis_angle(self,
                           coeffs:Tensor, # (B,n) PCA coefficients, n <= 45
@@ -510,35 +511,37 @@ class MANOLayer(nn.Module):
         return torch.cat([pose_m[..., :3], self.pca_to_axis_angle(pose_m[..., 3:48])], -1), pose_m[..., 48:51]
 
     def forward(self,
-                pose:Tensor,            # (B,48) axis-angle: global rotation then 15 finger joints (mean included)
+                pose:Tensor|None=None,  # (B,48) axis-angle: global rotation then 15 finger joints (mean included)
                 betas:Tensor|None=None, # (B,10) shape; None: zeros
                 trans:Tensor|None=None, # (B,3) metres; None: zeros
+                rot:Tensor|None=None,   # (B,16,3,3) the same 16 rotations as matrices, instead of `pose`
                )->dict:                 # verts (B,778,3), joints (B,21,3) DexYCB order, transforms (B,16,4,4)
         "Vertices, 21 joints and the 16 joint world transforms of posed, shaped MANO hands."
-        B, dt = pose.shape[0], pose.dtype
-        if betas is None: betas = pose.new_zeros(B, 10)
-        rot = axis_angle_to_matrix(pose.reshape(B, 16, 3))                          # (B,16,3,3)
+        if (pose is None) == (rot is None): raise ValueError('MANOLayer: pass the pose as axis-angle `pose` or as `rot`, one of them')
+        if rot is None: rot = axis_angle_to_matrix(pose.reshape(pose.shape[0], 16, 3))   # (B,16,3,3)
+        elif rot.shape[1:] != (16, 3, 3): raise ValueError(f'MANOLayer: rot must be (B,16,3,3), got {tuple(rot.shape)}')
+        B, dt = rot.shape[0], rot.dtype
+        if betas is None: betas = rot.new_zeros(B, 10)
         v = self.v_template.to(dt) + (betas[:, :self.shapedirs.shape[0]] @ self.shapedirs.to(dt)).view(B, -1, 3)
         J = self.J_template.to(dt) + (betas[:, :self.J_shapedirs.shape[0]] @ self.J_shapedirs.to(dt)).view(B, 16, 3)
-        eye = torch.eye(3, dtype=dt, device=pose.device)
+        eye = torch.eye(3, dtype=dt, device=rot.device)
         v = v + ((rot[:, 1:] - eye).reshape(B, 135) @ self.posedirs.to(dt)).view(B, -1, 3)   # pose correctives
-        # world rotations / joint positions
-        Rw, tw = [None] * 16, [None] * 16
-        Rw[0], tw[0] = rot[:, 0], J[:, 0]
-        for lvl in self.levels:
-            par = [MANO_PARENTS[j] for j in lvl]
-            Rp = torch.stack([Rw[p] for p in par], 1)                                  # (B,5,3,3)
-            tp = torch.stack([tw[p] for p in par], 1)                                  # (B,5,3)
-            Rc = Rp @ rot[:, lvl]
-            tc = tp + (Rp @ (J[:, lvl] - J[:, par]).unsqueeze(-1)).squeeze(-1)
-            for k, j in enumerate(lvl): Rw[j], tw[j] = Rc[:, k], tc[:, k]
-        R = torch.stack(Rw, 1); t = torch.stack(tw, 1)                                 # (B,16,3,3), (B,16,3)
+        # world rotations / joint positions, one depth of the tree at a time: joints 1..15 are 5 fingers x 3 depths
+        # (finger-major), and the parents of a depth's 5 joints are the previous depth's, in the same order
+        rf, Jf = rot[:, 1:].reshape(B, 5, 3, 3, 3), J[:, 1:].reshape(B, 5, 3, 3)       # [:, finger, depth]
+        Rp, tp, Jp = rot[:, :1], J[:, :1], J[:, :1]                                    # the wrist: (B,1,3,3), (B,1,3)
+        Rd, td = [], []
+        for d in range(3):
+            Rp, tp = Rp @ rf[:, :, d], tp + (Rp @ (Jf[:, :, d] - Jp).unsqueeze(-1)).squeeze(-1)   # (B,5,3,3), (B,5,3)
+            Jp = Jf[:, :, d]; Rd.append(Rp); td.append(tp)
+        R = torch.cat([rot[:, :1], torch.stack(Rd, 2).reshape(B, 15, 3, 3)], 1)       # (B,16,3,3) MANO order
+        t = torch.cat([J[:, :1], torch.stack(td, 2).reshape(B, 15, 3)], 1)             # (B,16,3)
         A = torch.cat([R, (t - (R @ J.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], -1)  # (B,16,3,4) skinning matrices
         T = (self.weights.to(dt) @ A.reshape(B, 16, 12)).view(B, -1, 3, 4)             # (B,778,3,4)
         verts = (T[..., :3] @ v.unsqueeze(-1)).squeeze(-1) + T[..., 3]
         if trans is not None: verts, t = verts + trans[:, None], t + trans[:, None]
         joints = torch.cat([t, verts[:, self.tip_ids]], 1)[:, self.joint_order]        # (B,21,3)
-        bottom = torch.tensor([0, 0, 0, 1], dtype=dt, device=pose.device).expand(B, 16, 1, 4)
+        bottom = torch.tensor([0, 0, 0, 1], dtype=dt, device=rot.device).expand(B, 16, 1, 4)
         transforms = torch.cat([torch.cat([R, t.unsqueeze(-1)], -1), bottom], -2)      # (B,16,4,4)
         return dict(verts=verts, joints=joints, transforms=transforms)
 
@@ -565,6 +568,8 @@ def multi_coordinate_features(
     "Every vertex expressed in every local frame, plus a vertex-index feature."
     B, V, _ = verts.shape
     R, t = frames[..., :3, :3], frames[..., :3, 3]                                # (B,F,3,3), (B,F,3)
-    local = torch.einsum('bfji,bvfj->bvfi', R, verts[:, :, None] - t[:, None])    # R^T (v - t): (B,V,F,3)
+    # R^T (v - t) = R^T v - R^T t for every vertex and frame: one (V,3) x (3,3F) product per hand
+    Rf = R.permute(0, 2, 1, 3).reshape(B, 3, -1)                                 # (B,3,3F): [j, f*3+i] = R[f,j,i]
+    local = verts @ Rf - (t.unsqueeze(-2) @ R).reshape(B, 1, -1)                  # (B,V,3F) frame-major
     idx = torch.arange(V, dtype=verts.dtype, device=verts.device) / max(V - 1, 1)
-    return torch.cat([local.reshape(B, V, -1), idx.view(1, V, 1).expand(B, V, 1)], -1)
+    return torch.cat([local, idx.view(1, V, 1).expand(B, V, 1)], -1)

@@ -105,7 +105,7 @@ def aligned_joint_loss(pred: Tensor, # (B,21,3) predicted joints, metres
     return masked_mean(safe_norm(aligned - g).mean(-1))
 
 # %% ../nbs/08_losses.ipynb #16101560
-def mano_loss(pred_pose: Tensor, # (B,48) axis-angle: 3 global + 45 finger, radians
+def mano_loss(pred_pose: Tensor, # (B,48) axis-angle: 3 global + 45 finger, radians; or (B,16,3,3) rotation matrices
               pred_betas: Tensor, # (B,10)
               gt_pose: Tensor, # (B,48)
               gt_betas: Tensor, # (B,10)
@@ -115,8 +115,9 @@ def mano_loss(pred_pose: Tensor, # (B,48) axis-angle: 3 global + 45 finger, radi
              ) -> Tensor:
     "Rotation-matrix MSE of the 16 MANO joint rotations + MSE of the betas (+ translation distance), valid hands only."
     n = int(valid.sum())
-    pp, gp = pred_pose[valid].reshape(n, 16, 3), gt_pose[valid].reshape(n, 16, 3).to(pred_pose.dtype)
-    per = (axis_angle_to_matrix(pp) - axis_angle_to_matrix(gp)).pow(2).mean((-1, -2, -3))   # (N,)
+    pp, gp = pred_pose[valid], gt_pose[valid].reshape(n, 16, 3).to(pred_pose.dtype)
+    pr = pp if pp.shape[1:] == (16, 3, 3) else axis_angle_to_matrix(pp.reshape(n, 16, 3))   # the model's matrices as they are
+    per = (pr - axis_angle_to_matrix(gp)).pow(2).mean((-1, -2, -3))                        # (N,)
     per = per + (pred_betas[valid] - gt_betas[valid].to(pred_betas.dtype)).pow(2).mean(-1)  # (N,)
     if pred_trans is not None and gt_trans is not None:
         per = per + safe_norm(pred_trans[valid] - gt_trans[valid].to(pred_trans.dtype))
@@ -464,7 +465,7 @@ class AMTLoss(nn.Module):
         t['hand_mano'] = hand_joint_loss(jm, gj, hv, jw, aw) if jm is not None else o['pred_hand_joints'].new_zeros(())
         t['hand_aligned'] = aligned_joint_loss(o['pred_hand_joints'], gj, hv)
         gtr = bt['mano_trans'].float() if 'mano_trans' in bt else None
-        t['mano'] = mano_loss(o['pred_mano_pose'], o['pred_mano_betas'], bt['mano_pose'].float(),
+        t['mano'] = mano_loss(o.get('pred_mano_rot', o['pred_mano_pose']), o['pred_mano_betas'], bt['mano_pose'].float(),
                               bt['mano_betas'].float(), hv & self._side_mask(bt.get('meta'), len(hv), dev),
                               o.get('pred_mano_trans'), gtr)
         img = bt.get('image')

@@ -60,7 +60,7 @@ class AMT(nn.Module):
         out = dict(
             pred_hand_joints=joints, pred_hand_joints_coarse=hand['joints'], pred_hand_joints_mano=hand['joints_mano'],
             pred_hand_joints_steps=js, pred_hand_joints_2d=project_points(joints, K), pred_hand_conf=hand['conf'],
-            pred_mano_pose=hand['pose'], pred_mano_betas=hand['betas'], pred_mano_betas_coarse=hand['betas_coarse'],
+            pred_mano_pose=hand['pose'], pred_mano_rot=hand['rot'], pred_mano_betas=hand['betas'], pred_mano_betas_coarse=hand['betas_coarse'],
             pred_mano_trans=hand['trans'], pred_hand_verts=hand['verts'],
             pred_obj_pos_coarse=obj['pos'], pred_obj_pos=obj_pos, pred_obj_pos_steps=os_,
             pred_obj_rot=obj['rot'], pred_obj_logits=obj['logits'],

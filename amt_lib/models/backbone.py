@@ -40,12 +40,13 @@ def tiny_dinov2_config(*,
                        num_heads:int=3, # attention heads
                        patch_size:int=14, # pixels per patch side
                        image_size:int=224, # input side, pixels
+                       mlp_ratio:int=4, # the MLPs' hidden width over D (model.backbone.mlp_ratio)
                       ) -> Dinov2Config:
-    "A small randomly initialised DINOv2 architecture for CPU runs and tests (MLP ratio 4)."
+    "A small randomly initialised DINOv2 architecture for CPU runs and tests."
     if hidden_size % num_heads:
         raise ValueError(f'model.backbone.hidden_size={hidden_size} is not divisible by num_heads={num_heads}')
     return Dinov2Config(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                        mlp_ratio=4, patch_size=patch_size, image_size=image_size)
+                        mlp_ratio=int(mlp_ratio), patch_size=patch_size, image_size=image_size)
 
 def dinov2_config(name:str, # a save_pretrained folder, a model name in the HF cache, or one of `DINOV2_CONFIGS`
                  ) -> Dinov2Config:
@@ -268,7 +269,7 @@ def build_backbone(mcfg, # the `model` section of a config
                          'to train from scratch')
     dino = load_dinov2(b.name, pretrained=pre, attn_implementation=b.attn_implementation,
                        tiny=dict(hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
-                                 patch_size=b.patch_size, image_size=image_size))
+                                 patch_size=b.patch_size, image_size=image_size, mlp_ratio=b.mlp_ratio))
     if b.stem == 'conv':
         stem = ConvStem(int(b.patch_size), dino.config.hidden_size, int(b.stem_width), int(b.stem_first_stride),
                         str(b.stem_activation))

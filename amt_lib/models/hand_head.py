@@ -110,7 +110,8 @@ class HandEncoder(QueryDecoder):
         pose = matrix_to_axis_angle(rot).reshape(B, 48)
         betas = self.betas_head(h)
         root = self.root_head(h, K)                                                    # (B,3) middle MCP, camera frame
-        m = self.mano(pose, betas)                                                     # around the origin
+        m = self.mano(betas=betas, rot=rot)                                            # around the origin (the matrices:
+                                                                                       # no round trip through `pose`)
         trans = root - m['joints'][:, ROOT_JOINT]
         verts, joints_mano = m['verts'] + trans[:, None], m['joints'] + trans[:, None]
         # the features are invariant to rigid motions, so the untranslated mesh gives the same numbers
@@ -120,6 +121,6 @@ class HandEncoder(QueryDecoder):
         res = self.residual_scale * self.joint_head(g).view(B, 21, 3)                  # direct correction, metres
         if ray is not None: res = res @ ray.transpose(1, 2)                              # ray frame -> camera frame
         out = dict(joints=joints_mano + res, joints_mano=joints_mano, conf=torch.sigmoid(self.conf_head(g)),
-                   pose=pose, betas=betas + self.betas_refine(g), betas_coarse=betas, trans=trans, verts=verts, feat=g)
+                   pose=pose, rot=rot, betas=betas + self.betas_refine(g), betas_coarse=betas, trans=trans, verts=verts, feat=g)
         if self.heatmap_head is not None and fmaps is not None: out['heatmaps'] = self.heatmap_head(fmaps)
         return out

@@ -19,7 +19,7 @@ def pixel_to_grid(uv:Tensor, # (...,2) pixels, OpenCV convention
                  ) -> Tensor: # (...,2) grid_sample coordinates for align_corners=False
     "Pixel coordinates -> grid_sample's normalised coordinates (image edges at ±1)."
     H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
-    return torch.stack([2 * (uv[..., 0] + 0.5) / W - 1, 2 * (uv[..., 1] + 0.5) / H - 1], -1)
+    return (uv + 0.5) * uv.new_tensor([2 / W, 2 / H]) - 1
 
 def sample_features(fmap:Tensor, # (B,C,h,w) feature map covering the whole image
                     uv:Tensor, # (B,N,2) pixels of the image
