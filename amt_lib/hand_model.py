@@ -495,8 +495,8 @@ class MANOLayer(nn.Module):
         self.register_buffer('joint_order', torch.tensor(DEXYCB_JOINT_ORDER))
         parents = np.asarray(m['kintree_table'])[0].astype(np.int64); parents[0] = -1
         if tuple(parents) != MANO_PARENTS: raise ValueError(f'{self.path}: unexpected kintree_table parents {parents}')
-        self.levels = [[1, 4, 7, 10, 13], [2, 5, 8, 11, 14], [3, 6, 9, 12, 15]]      # joints by depth in the tree
-        assert [[MANO_PARENTS[j] for j in lvl] for lvl in self.levels] == [[0] * 5] + self.levels[:2]   # what `forward` batches on
+        # what `forward` batches on: joints 1..15 are 5 fingers x 3 depths, finger-major, each depth's parent the one before
+        assert MANO_PARENTS[1:] == tuple(0 if j % 3 == 1 else j - 1 for j in range(1, 16))
 
     def pca_to_axis_angle(self,
                           coeffs:Tensor, # (B,n) PCA coefficients, n <= 45
