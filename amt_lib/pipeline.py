@@ -32,13 +32,14 @@ from .learner.reporting import progress_mode
 from .data.video import build_clip_loaders
 from .runtime import resolve_device
 from .stages import *
+from .kernels import kernel_options, WarmKernel
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'SUMMARY_COLUMNS', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals', 'experiments_dir',
-           'kernel_options', 'run_notebook', 'summary_table', 'learned_verdict', 'video_verdict', 'verdict_table',
-           'debugging_note', 'run_pipeline', 'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights',
-           'evaluate_pose_head', 'evaluate_video', 'evaluate_mask_head', 'run_stage', 'train_command',
-           'notebook_parameters', 'run_notebook_command', 'pipeline_command']
+           'run_notebook', 'summary_table', 'learned_verdict', 'video_verdict', 'verdict_table', 'debugging_note',
+           'run_pipeline', 'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights', 'evaluate_pose_head',
+           'evaluate_video', 'evaluate_mask_head', 'run_stage', 'train_command', 'notebook_parameters',
+           'run_notebook_command', 'pipeline_command']
 
 # %% ../nbs/10a_pipeline.ipynb #f2ab86aa
 EXPERIMENTS = {'stage1': 'stage1_pretrain.ipynb', 'stage2': 'stage2_joint.ipynb',
@@ -112,32 +113,13 @@ def _papermill_logging(verbose: bool):
     h.setStream(sys.stdout)                      # the stdout of now (a test may have redirected it)
     log.setLevel(logging.INFO if verbose else logging.WARNING)
 
-def kernel_options(verbose: bool = False, # keep the kernel's own log (no ERROR-level filter)
-                  ) -> dict:
-    "papermill keywords for the kernel: CurveZMQ encryption if supported, else its log at ERROR unless verbose."
-    import zmq
-    from jupyter_client.manager import KernelManager
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        declared = (
-            'curve'
-            in str(KernelSpecManager().get_kernel_spec('python3').metadata.get('supported_encryption', '')).lower()
-        )
-    except NoSuchKernel:
-        declared = False
-    if declared and zmq.has('curve') and 'transport_encryption' in KernelManager.class_trait_names():
-        # an encrypted kernel has no 'running over TCP without encryption' warning to give
-        from traitlets.config import Config
-        return dict(config=Config({'KernelManager': {'transport_encryption': 'auto'}}))
-    return {} if verbose else dict(extra_arguments=['--IPKernelApp.log_level=ERROR'])
-
 def run_notebook(notebook: str | os.PathLike, # the notebook to run
                  output: str | os.PathLike, # where the executed copy goes
                  parameters: dict | None = None, # papermill parameters (names of the `parameters` cell)
                  log_output: bool = True, # relay what the cells print (stdout, stderr) to this process's, as it comes
                  cwd: str | os.PathLike | None = None, # working directory of the kernel (default: output's folder)
                  verbose: bool = False, # also papermill's log, cell by cell, and the text of displayed results
+                 kernel: WarmKernel | None = None, # a kernel started ahead (`WarmKernel`): run in it, not in a new one
                 ) -> Path:
     "Run `notebook` with papermill into `output`, relaying its prints; `NotebookFailed` names the saved notebook."
     import papermill as pm
@@ -153,11 +135,12 @@ def run_notebook(notebook: str | os.PathLike, # the notebook to run
             stderr_file=sys.stderr if log_output else None,
         )
     )
+    if kernel is not None: kernel.ready()   # the imports started ahead are done
     with forward_stop_signals() as fwd:
         try:
             pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name='python3',
                                 language='python', progress_bar=False, cwd=str(cwd or output.parent),
-                                **relay, **kernel_options(verbose))
+                                **relay, **(dict(km=kernel.km) if kernel else kernel_options(verbose)))
         except Exception as e:
             what = f'{e.ename}: {e.evalue}' if isinstance(e, pm.PapermillExecutionError) else f'{type(e).__name__}: {e}'
             if fwd.received:
@@ -278,54 +261,70 @@ def run_pipeline(
     }
     summary = dict(preset=str(preset), run_dir=str(run_dir), date=datetime.datetime.now().isoformat(timespec='seconds'),
                    commit=git_commit(PACKAGE_DIR), overrides=list(overrides), stages={})
-    for st in stages:
-        f = run_dir/st/'summary.json'
-        if st == 'video' and not cfg.stages.video_epochs:
-            print('[pipeline] video: off (stages.video_epochs=0), skipped', flush=True); continue
+    def kept(st: str) -> str | None:
+        "Why stage `st`'s notebook does not run now: 'off' (the video stage), 'finished' (in the run `resume` continues)."
+        if st == 'video' and not cfg.stages.video_epochs: return 'off'
         gen_due = st == 'stage3' and cfg.stages.generative_epochs and not (run_dir/'generative'/'summary.json').exists()
-        if resume and st != 'debugging' and f.exists() and not gen_due:   # stage 3's notebook also runs stage 4
-            print(f'[pipeline] {st}: finished earlier, kept ({f})', flush=True)
-            (summary if st == 'video' else summary['stages'])[st] = json.loads(f.read_text()); continue
-        params = dict(
-            preset=str(preset),
-            overrides=list(overrides) + ['logging.verbose=true'] * verbose,
-            run_dir=str(run_dir),
-            init_from=handover[st],
-            max_steps=max_steps,
-            max_minutes=max_minutes,
-            headless=True,
-        )
-        if st != 'debugging': params['resume'] = bool(resume)
-        print(f'[pipeline] {st}: running {EXPERIMENTS[st]} -> {run_dir/(st + ".ipynb")}', flush=True)
-        # debugging: its tables stay in its notebook
-        try: run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params,
-                      log_output=log_output and (st != 'debugging' or verbose), cwd=run_dir, verbose=verbose)
-        except NotebookStopped as e:
-            print(f'[pipeline] {st} stopped by {e.signal}; its checkpoints are saved in {run_dir/st}; '
-                  f'continue with: amt pipeline --resume {run_dir}', flush=True)
-            raise
-        if st == 'debugging':
-            print(f'[pipeline] debugging: {debugging_note(run_dir / "debugging")}', flush=True)
-            continue
-        if not f.exists(): raise RuntimeError(f'{st} finished without writing {f}')
-        (summary if st == 'video' else summary['stages'])[st] = json.loads(f.read_text())   # video: beside stage 4's
-    summary['minutes'] = (time.time() - t0) / 60
-    g = run_dir/STAGE_NAMES[4]/'summary.json'
-    if 'stage3' in stages and cfg.stages.generative_epochs and g.exists():
-        summary['generative'] = json.loads(g.read_text())
-    if 'stage3' in summary['stages']:
-        summary['final'] = summary['stages']['stage3']
-        summary['learned'] = learned_verdict(summary['final'])
-    (run_dir/'summary.json').write_text(json.dumps(summary, indent=2))
-    # the video stage's row: its steps, minutes and the temporal model's rr-MPJPE (on clips; its own table below)
-    print(summary_table({**summary['stages'], **({'video': summary['video']} if 'video' in summary else {})}),
-          flush=True)
-    if 'generative' in summary: print(hypothesis_table(summary['generative']), flush=True)
-    if 'video' in summary:
-        print(video_table(summary['video']) + '\n' + verdict_table(summary['video']['targets']), flush=True)
-    if 'learned' in summary:
-        print(f"[pipeline] learned: {summary['learned']}  ({summary['minutes']:.1f} min)", flush=True)
-    print(f"[pipeline] summary: {run_dir/'summary.json'}", flush=True)
+        if resume and st != 'debugging' and (run_dir/st/'summary.json').exists() and not gen_due:
+            return 'finished'   # stage 3's notebook also runs stage 4
+    todo = [st for st in stages if kept(st) is None]
+    # each notebook's kernel starts (and imports, at idle priority) while the notebooks before it run: `WarmKernel`
+    warm, ended = {st: WarmKernel(run_dir, verbose) for st in todo[:1]}, []
+    try:
+        for st in stages:
+            f = run_dir/st/'summary.json'
+            if (why := kept(st)) == 'off':
+                print('[pipeline] video: off (stages.video_epochs=0), skipped', flush=True); continue
+            if why == 'finished':
+                print(f'[pipeline] {st}: finished earlier, kept ({f})', flush=True)
+                (summary if st == 'video' else summary['stages'])[st] = json.loads(f.read_text()); continue
+            params = dict(
+                preset=str(preset),
+                overrides=list(overrides) + ['logging.verbose=true'] * verbose,
+                run_dir=str(run_dir),
+                init_from=handover[st],
+                max_steps=max_steps,
+                max_minutes=max_minutes,
+                headless=True,
+            )
+            if st != 'debugging': params['resume'] = bool(resume)
+            print(f'[pipeline] {st}: running {EXPERIMENTS[st]} -> {run_dir/(st + ".ipynb")}', flush=True)
+            ended.append(kernel := warm.pop(st).ready())   # its imports done before the next kernels start
+            for nxt in todo[todo.index(st) + 1:][:2]:   # two ahead: a short stage leaves the next one's imports little time
+                if nxt not in warm: warm[nxt] = WarmKernel(run_dir, verbose)
+            try:   # debugging: its tables stay in its notebook
+                run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params,
+                             log_output=log_output and (st != 'debugging' or verbose), cwd=run_dir, verbose=verbose,
+                             kernel=kernel)
+            except NotebookStopped as e:
+                print(f'[pipeline] {st} stopped by {e.signal}; its checkpoints are saved in {run_dir/st}; '
+                      f'continue with: amt pipeline --resume {run_dir}', flush=True)
+                raise
+            finally: kernel.close(wait=False)   # it exits (1-2 s) while the next notebook starts
+            if st == 'debugging':
+                print(f'[pipeline] debugging: {debugging_note(run_dir / "debugging")}', flush=True)
+                continue
+            if not f.exists(): raise RuntimeError(f'{st} finished without writing {f}')
+            (summary if st == 'video' else summary['stages'])[st] = json.loads(f.read_text())   # video: beside stage 4's
+        summary['minutes'] = (time.time() - t0) / 60
+        g = run_dir/STAGE_NAMES[4]/'summary.json'
+        if 'stage3' in stages and cfg.stages.generative_epochs and g.exists():
+            summary['generative'] = json.loads(g.read_text())
+        if 'stage3' in summary['stages']:
+            summary['final'] = summary['stages']['stage3']
+            summary['learned'] = learned_verdict(summary['final'])
+        (run_dir/'summary.json').write_text(json.dumps(summary, indent=2))
+        # the video stage's row: its steps, minutes and the temporal model's rr-MPJPE (on clips; its own table below)
+        print(summary_table({**summary['stages'], **({'video': summary['video']} if 'video' in summary else {})}),
+              flush=True)
+        if 'generative' in summary: print(hypothesis_table(summary['generative']), flush=True)
+        if 'video' in summary:
+            print(video_table(summary['video']) + '\n' + verdict_table(summary['video']['targets']), flush=True)
+        if 'learned' in summary:
+            print(f"[pipeline] learned: {summary['learned']}  ({summary['minutes']:.1f} min)", flush=True)
+        print(f"[pipeline] summary: {run_dir/'summary.json'}", flush=True)
+    finally:
+        for k in [*warm.values(), *ended]: k.close()   # those started ahead (a stop or failure), those asked to exit
     return summary
 
 # %% ../nbs/10a_pipeline.ipynb #865b9578

@@ -254,6 +254,8 @@ class DeviceCache:
                                 f'set max_samples (data.cache_max_samples) or raise data.cache_max_gb')
 
     def _load(self, name: str, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+        if self.device.type == 'cpu':   # the file's pages themselves (copy-on-write): no copy, shared by every process
+            return torch.from_numpy(np.load(self.path/name, mmap_mode='c'))
         a = np.load(self.path/name, mmap_mode='r')                # memory-mapped: nothing decoded, nothing read yet
         out = torch.empty(a.shape, dtype=torch.from_numpy(np.empty(0, a.dtype)).dtype, device=self.device)
         step = max(1, chunk_bytes // max(1, a[:1].nbytes))        # copy in chunks: never the whole file in RAM twice
