@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from .config import (load_config, apply_overrides, git_commit, PACKAGE_DIR, ConfigError,
                             validate_config)
 from .metrics import mean_root_relative_hand, hand_summary, diversity_verdict, monitor_choices
-from .data.loaders import build_dataset, build_dataloaders, build_eval_loader
+from .data.loaders import build_dataset, build_dataloaders, build_eval_loader, prepare_cache
 from .models.amt import build_model
 from .learner.reporting import read_metrics
 # `checkpoint.free_bytes` looked up when called: a test can patch the disk
@@ -271,6 +271,8 @@ def run_pipeline(
     # each notebook's kernel starts (and imports, at idle priority) while the notebooks before it run: `WarmKernel`
     warm, ended = {st: WarmKernel(run_dir, verbose) for st in todo[:1]}, []
     try:
+        # a first run renders the data cache here, while the first kernel starts (the stages read it)
+        if any(st in todo for st in ('stage1', 'stage2', 'stage3')): prepare_cache(cfg)
         for st in stages:
             f = run_dir/st/'summary.json'
             if (why := kept(st)) == 'off':

@@ -14,7 +14,7 @@ from .synthetic import SynthHOI
 from .dexycb import DexYCB
 
 # %% auto #0
-__all__ = ['build_dataset', 'BatchLoader', 'build_dataloaders', 'build_eval_loader']
+__all__ = ['build_dataset', 'BatchLoader', 'build_dataloaders', 'prepare_cache', 'build_eval_loader']
 
 # %% ../../nbs/06h_data.loaders.ipynb #e62d0d2a
 def build_dataset(cfg, # run config
@@ -74,6 +74,19 @@ class BatchLoader:
     def load_state_dict(self, d: dict): self.schedule.load_state_dict(d)
 
 # %% ../../nbs/06h_data.loaders.ipynb #66201446
+def _cache_kwargs(cfg, train, progress: str) -> dict:
+    "`DeviceCache` keywords of a run (`data.cache_*`); DexYCB's cache sits in its root unless `data.cache_dir`."
+    d = cfg.data
+    return dict(
+        cache_dir=d.cache_dir or (None if d.source == 'synth' else str(getattr(train, 'root', '')) + '/.amt_cache'),
+        device=d.cache_device,
+        max_gb=d.cache_max_gb,
+        max_samples=d.cache_max_samples,
+        with_maps=d.cache_maps,
+        num_workers=d.num_workers,
+        progress=progress,
+    )
+
 def build_dataloaders(cfg, # run config
                       device: str | torch.device | None = None, # move DataLoader batches here before augmenting
                       run_dir=None, # DexYCB: skipped frames are logged to <run_dir>/data/errors_<split>.jsonl
@@ -91,19 +104,23 @@ def build_dataloaders(cfg, # run config
         for dl, ds in zip(loaders, (train, val)): dl.source = ds
         return loaders
     if d.cache:
-        kw = dict(
-            cache_dir=d.cache_dir or (None if d.source == 'synth' else str(getattr(train, 'root', '')) + '/.amt_cache'),
-            device=d.cache_device,
-            max_gb=d.cache_max_gb,
-            max_samples=d.cache_max_samples,
-            with_maps=d.cache_maps,
-            num_workers=d.num_workers,
-            progress=progress,
-        )
+        kw = _cache_kwargs(cfg, train, progress)
         return tag((CacheLoader(DeviceCache(train, **kw), bs, True, aug, cfg.seed, True, hard),
                     CacheLoader(DeviceCache(val, **kw), bs, False, None, cfg.seed, False)))
     return tag((BatchLoader(train, bs, True, aug, d.num_workers, cfg.seed, True, device, hard),
                 BatchLoader(val, bs, False, None, d.num_workers, cfg.seed, False, device)))
+
+# %% ../../nbs/06h_data.loaders.ipynb #351c7926
+def prepare_cache(cfg, # run config (`data.cache` on)
+                  progress: str = 'plain', # of a build: 'bar', 'plain' or 'quiet'
+                 ) -> list[Path]:
+    "Render a run's cache files (training and validation splits) where missing, as `build_dataloaders` would; nothing stays loaded."
+    if not cfg.data.cache: return []
+    out = []
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        ds = build_dataset(cfg, split)
+        out.append(DeviceCache(ds, **{**_cache_kwargs(cfg, ds, progress), 'device': 'cpu'}).path)   # files memory-mapped
+    return out
 
 # %% ../../nbs/06h_data.loaders.ipynb #627a9f01
 def build_eval_loader(cfg, # a run's config: data.* and training.batch_size
