@@ -67,30 +67,35 @@ def join_warm_imports(timeout: float | None = None, # seconds; None: until done
 # %% ../nbs/01a_kernels.ipynb #e2365288
 class WarmKernel:
     "A Jupyter kernel started ahead of its notebook, importing `WARM_IMPORTS` at idle priority; papermill runs in `.km`."
-    _start = 'import amt_lib.kernels as _amt_kernels; _amt_kernels.start_warm_imports(); del _amt_kernels'
-    _join = 'import amt_lib.kernels as _amt_kernels; _amt_kernels.join_warm_imports(); del _amt_kernels'
+    # `ready()` False: the imports starved (every core busy for long): the caller runs the notebook in a fresh kernel
     def __init__(self,
                  cwd: str | os.PathLike, # the notebook's working directory
                  verbose: bool = False, # keep the kernel's own log (as `kernel_options`)
+                 imports: Sequence[str] = WARM_IMPORTS, # modules its thread imports
                 ):
         from jupyter_client.manager import KernelManager
         opts = kernel_options(verbose)
-        self.is_ready = False
+        # modules only: the notebook's namespace is what its own cells make
+        start = (f'import amt_lib.kernels as _amt_kernels; _amt_kernels.start_warm_imports({list(imports)!r}); '
+                 'del _amt_kernels')
+        self.is_ready = None
         self.km = KernelManager(kernel_name='python3', **({'config': opts['config']} if 'config' in opts else {}))
         self.km.start_kernel(cwd=str(cwd), extra_arguments=[*opts.get('extra_arguments', []),
-                             '--HistoryManager.hist_file=:memory:', f'--IPKernelApp.exec_lines={self._start}'])
+                             '--HistoryManager.hist_file=:memory:', f'--IPKernelApp.exec_lines={start}'])
 
-    def ready(self, timeout: float = 600, # seconds to wait for the kernel and its imports
-             ) -> WarmKernel:
-        "Wait until the kernel answers and the imports started ahead are done; the notebook's cells come next."
-        if self.is_ready: return self
-        kc = self.km.client(); kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=timeout)
-            kc.execute_interactive(self._join, silent=True, store_history=False, timeout=timeout)
-        finally: kc.stop_channels()
-        self.is_ready = True
-        return self
+    def ready(self, timeout: float = 60, # seconds the imports may still take (at full speed once the machine is free)
+             ) -> bool:
+        "Wait for the kernel and what is left of its imports; False if they did not finish in time (a busy machine)."
+        if self.is_ready is None:
+            kc = self.km.client(); kc.start_channels()
+            try:
+                kc.wait_for_ready(timeout=timeout)
+                r = kc.execute_interactive('', silent=True, store_history=False, timeout=timeout + 30, user_expressions={
+                    'done': f'__import__("amt_lib.kernels").kernels.join_warm_imports({timeout})'})
+                self.is_ready = r['content']['user_expressions']['done']['data']['text/plain'] == 'True'
+            except Exception: self.is_ready = False   # it died or never answered
+            finally: kc.stop_channels()
+        return self.is_ready
 
     def close(self, wait: bool = True, # until it has exited; False: only ask (call `close()` later to finish)
              ):

@@ -135,7 +135,8 @@ def run_notebook(notebook: str | os.PathLike, # the notebook to run
             stderr_file=sys.stderr if log_output else None,
         )
     )
-    if kernel is not None: kernel.ready()   # the imports started ahead are done
+    if kernel is not None and not kernel.ready():   # its imports starved on a busy machine: a fresh kernel instead
+        kernel.close(wait=False); kernel = None
     with forward_stop_signals() as fwd:
         try:
             pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name='python3',
@@ -291,7 +292,7 @@ def run_pipeline(
             )
             if st != 'debugging': params['resume'] = bool(resume)
             print(f'[pipeline] {st}: running {EXPERIMENTS[st]} -> {run_dir/(st + ".ipynb")}', flush=True)
-            ended.append(kernel := warm.pop(st).ready())   # its imports done before the next kernels start
+            ended.append(kernel := warm.pop(st)); kernel.ready()   # its imports done before the next kernels start
             for nxt in todo[todo.index(st) + 1:][:2]:   # two ahead: a short stage leaves the next one's imports little time
                 if nxt not in warm: warm[nxt] = WarmKernel(run_dir, verbose)
             try:   # debugging: its tables stay in its notebook
