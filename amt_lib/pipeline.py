@@ -74,7 +74,8 @@ def _child_pids() -> list[int]:
 
 class forward_stop_signals:
     "Context: SIGTERM / SIGINT to this process go on to its children (a group signal misses the kernel's own session)"
-    def __init__(self): self.received, self._old = [], {}
+    def __init__(self, pids: Sequence[int] | None = None, # only these children (the running kernel); None: all
+                ): self.received, self._old, self.pids = [], {}, pids
     def _handler(self, signum, frame):
         import signal
         name = signal.Signals(signum).name; self.received.append(name)
@@ -82,7 +83,7 @@ class forward_stop_signals:
             f'[pipeline] {name} received: passing it to the running notebook, whose training saves and stops',
             flush=True,
         )
-        for pid in _child_pids():
+        for pid in (self.pids if self.pids is not None else _child_pids()):
             try: os.kill(pid, signum)
             except ProcessLookupError: pass
     def __enter__(self):
@@ -137,7 +138,9 @@ def run_notebook(notebook: str | os.PathLike, # the notebook to run
     )
     if kernel is not None and not kernel.ready():   # its imports starved on a busy machine: a fresh kernel instead
         kernel.close(wait=False); kernel = None
-    with forward_stop_signals() as fwd:
+    # to the notebook's kernel only: kernels started ahead are closed by their owner
+    pid = getattr(kernel.km.provisioner, 'pid', None) if kernel else None
+    with forward_stop_signals(None if pid is None else [pid]) as fwd:
         try:
             pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name='python3',
                                 language='python', progress_bar=False, cwd=str(cwd or output.parent),
