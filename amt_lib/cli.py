@@ -142,6 +142,8 @@ def _usage() -> str:
 def main(argv: list[str] | None = None, # the arguments after `amt` (default: sys.argv[1:])
         ) -> int:
     "Entry point of the `amt` console script: `amt <command> [options]`; returns the exit status."
+    if argv is None:   # the console script: its process exits in ~0.2 s instead of 1.5-2 once torch is loaded
+        from amt_lib.kernels import exit_quickly; exit_quickly()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ('-h', '--help', 'help'):
         print(_usage()); return 0
@@ -246,9 +248,15 @@ def pipeline(overrides: list[str] = (), # dotted key=value overrides for every s
              verbose: bool = False, # papermill's log cell by cell, every number of each log record, debugging tables
             ) -> int:
     "Stage 1 -> 2 -> 3 -> video (when on) -> debugging, each an experiment notebook run with papermill; a summary."
-    from amt_lib.pipeline import pipeline_command
-    return pipeline_command(preset=preset, overrides=overrides, run_dir=run_dir, max_steps=max_steps,
-                            max_minutes=max_minutes, stages=stages, resume=resume, verbose=verbose)
+    from amt_lib.kernels import start_cache_render
+    # a first run's data cache renders in its own process from here on, while this one imports torch and the model
+    job = start_cache_render(preset, overrides) if not resume and re.search(r'stage[123]', stages) else None
+    try:
+        from amt_lib.pipeline import pipeline_command
+        return pipeline_command(preset=preset, overrides=overrides, run_dir=run_dir, max_steps=max_steps,
+                                max_minutes=max_minutes, stages=stages, resume=resume, verbose=verbose, cache_job=job)
+    finally:   # an early error (a bad option, a full disk): the render is not needed now
+        if job is not None and job.poll() is None: job.kill(); job.wait()
 
 # %% ../nbs/90_cli.ipynb #7a64a48f
 @command

@@ -211,7 +211,7 @@ RULES: dict[str, Rule] = {
     'data.synth_seed': int_ge(0),
     'data.synth_grasp_share': num_in(0, 1), 'data.num_workers': int_ge(0), 'data.on_error': one_of('raise', 'skip'),
     'data.contact_threshold': num_gt(0), 'data.crop_margin': num_gt(0), 'data.cache_device': one_of('cpu', 'cuda'),
-    'data.cache_max_gb': num_gt(0), 'data.cache_max_samples': nullable(int_ge(1)),
+    'data.cache_max_gb': num_gt(0), 'data.cache_max_samples': nullable(int_ge(1)), 'data.cache_processes': int_ge(1),
     'data.augment.rotation_deg': num_in(0, 180), 'data.augment.scale': num_in(0, 1, hi_open=True),
     'data.augment.translation': num_in(0, 1, hi_open=True), 'data.augment.color_jitter': num_in(0, 1),
     'model.backbone.hidden_size': int_ge(1), 'model.backbone.num_layers': int_ge(1),
@@ -404,6 +404,7 @@ ADDED_KEYS = {
     'stages.stage3_max_steps': None,          # before: stage 3 always ran its stage3_epochs whole
     'stages.stage1_component_epochs': {},     # before: every stage-1 component trained stages.stage1_epochs
     'training.optimizer': 'adamw',           # before: AdamW always
+    'data.cache_processes': 1,                # before: a missing cache rendered in one process
 }
 
 def _fill_added(d: dict) -> list[str]:

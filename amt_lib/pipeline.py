@@ -4,7 +4,7 @@
 
 # %% ../nbs/10a_pipeline.ipynb #1e19cd33
 from __future__ import annotations
-import ast, datetime, difflib, json, math, os, sys, time
+import ast, datetime, difflib, json, math, os, subprocess, sys, time
 from pathlib import Path
 from typing import Any, Sequence
 import torch
@@ -239,6 +239,7 @@ def run_pipeline(
     log_output: bool = True, # relay what the stage notebooks print (log lines, tables)
     resume: bool = False, # continue the pipeline in `run_dir`: finished stages are kept, the interrupted one resumes
     verbose: bool = False, # papermill's log, every number of each log record, the debugging notebook's tables
+    cache_job: subprocess.Popen | None = None, # a process rendering the data cache already (`start_cache_render`)
 ) -> dict:
     "Run the experiment notebooks in order, each from the previous one's checkpoint; write and return the summary."
     cfg = load_config(preset, list(overrides))   # fail fast on a bad key or value, before any notebook starts
@@ -275,8 +276,12 @@ def run_pipeline(
     # each notebook's kernel starts (and imports, at idle priority) while the notebooks before it run: `WarmKernel`
     warm, ended = {st: WarmKernel(run_dir, verbose) for st in todo[:1]}, []
     try:
-        # a first run renders the data cache here, while the first kernel starts (the stages read it)
-        if any(st in todo for st in ('stage1', 'stage2', 'stage3')): prepare_cache(cfg)
+        # a first run renders the data cache (or waits for `cache_job`'s render) while the first kernel starts
+        if any(st in todo for st in ('stage1', 'stage2', 'stage3')):
+            if cache_job is not None:   # `amt pipeline` started it before its own imports
+                import papermill   # (run_notebook's) loaded while the cache renders
+                cache_job.wait()
+            prepare_cache(cfg)   # what is still missing (all of it without a cache job); its errors show here
         for st in stages:
             f = run_dir/st/'summary.json'
             if (why := kept(st)) == 'off':
@@ -711,6 +716,7 @@ def pipeline_command(preset: str = 'cpu-demo', # preset name or YAML path
                      stages: str | Sequence[str] = tuple(EXPERIMENTS), # a subset, in order (or comma-separated)
                      resume: str | os.PathLike | None = None, # continue the pipeline in this folder, its settings
                      verbose: bool = False, # papermill's log cell by cell, every logged number, the debugging tables
+                     cache_job: subprocess.Popen | None = None, # a process rendering the data cache (`start_cache_render`)
                     ) -> int: # exit status: 0 finished or stopped cleanly, 1 a notebook failed
     "`amt pipeline`: check the settings, then `run_pipeline` (stage 1 -> 2 -> 3 -> debugging), or continue one."
     if resume:
@@ -730,7 +736,8 @@ def pipeline_command(preset: str = 'cpu-demo', # preset name or YAML path
     if max_steps is not None and max_steps < 1: raise ConfigError(f'--max-steps {max_steps}: expected an integer >= 1')
     if max_minutes is not None and not max_minutes > 0:
         raise ConfigError(f'--max-minutes {max_minutes}: expected a number > 0')
-    try: run_pipeline(preset, run_dir, overrides, max_steps, max_minutes, names, resume=bool(resume), verbose=verbose)
+    try: run_pipeline(preset, run_dir, overrides, max_steps, max_minutes, names, resume=bool(resume), verbose=verbose,
+                      cache_job=cache_job)
     except NotebookStopped: return 0     # a stop signal: the stage saved; the message says how to resume
     except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1
     return 0

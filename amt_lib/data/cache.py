@@ -4,7 +4,8 @@
 
 # %% ../../nbs/06g_data.cache.ipynb #138e26c2
 from __future__ import annotations
-import os, json, time, math, shutil, tempfile
+import os, json, time, math, shutil, tempfile, traceback
+import multiprocessing as mp
 from pathlib import Path
 from collections.abc import Sequence
 import numpy as np
@@ -83,6 +84,22 @@ class _StackFields:
         out['meta'] = [s['meta'] for s in samples]
         return out
 
+def _render_share(dataset, lo: int, hi: int, batch_size: int, fields: dict, arrs: dict, count, conn):
+    "`build_cache`'s forked process: samples lo..hi-1 into the shared memory-mapped files; sends ('ok', metas, skipped)."
+    ignore_stop_signals()       # the main process handles a stop (and kills this one)
+    torch.set_num_threads(1)    # as a DataLoader worker: no OpenMP pool in a forked process
+    try:
+        before, metas = len(getattr(dataset, 'error_report', [])), []
+        for batch in DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                                collate_fn=_StackFields(fields)):
+            n, i = len(batch['meta']), lo + len(metas)
+            for k in fields: arrs[k][i:i + n] = batch[k].numpy()
+            metas += batch['meta']; count.value += n
+        for a in arrs.values(): a.flush()
+        conn.send(('ok', metas, list(getattr(dataset, 'error_report', []))[before:]))
+    except BaseException: conn.send(('error', traceback.format_exc(), []))
+    finally: conn.close()
+
 def build_cache(dataset, # any dataset returning THE SAMPLE
                 cache_dir: str | os.PathLike, # parent folder; the cache goes to cache_dir/<key>
                 key: str | None = None, # default: `dataset_key(dataset)`
@@ -90,6 +107,7 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
                 with_maps: bool = False, # also store depth and seg
                 num_workers: int = 0, # DataLoader workers for the one-time decoding
                 batch_size: int = 16, # samples per DataLoader batch while building (memory only, not the result)
+                processes: int = 1, # with num_workers 0: render in this many processes (forked; Linux), each a share
                 # progress: 'bar' a tqdm.auto bar of samples; 'plain' a line at the start, each quarter and the end
                 progress: str | bool = 'quiet', # 'bar' (True) | 'plain' | 'quiet' (False)
                ) -> Path: # the folder holding <field>.npy and manifest.json
@@ -114,10 +132,6 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
     meta_keys = list(first['meta'])
     meta = {k: np.lib.format.open_memmap(tmp/f'meta_{k}.npy', mode='w+', dtype=np.int64, shape=(N,)) for k in meta_keys}
     strings: dict[str, list[str]] = {}
-    sub = torch.utils.data.Subset(dataset, range(N))
-    # a stop signal is the main process's to handle
-    dl = DataLoader(sub, batch_size=batch_size, num_workers=num_workers, collate_fn=_StackFields(fields),
-                    worker_init_fn=ignore_stop_signals if num_workers else None)
     t0, say = time.perf_counter(), (lambda m: print(m, flush=True)) if mode != 'quiet' else (lambda m: None)
     say(f'caching {key}: {N:,d} samples, about {N * bytes_per_sample(S, with_maps) / 1e6:,.1f} MB, into {out} '
         '(once: later runs read these files)')
@@ -125,19 +139,47 @@ def build_cache(dataset, # any dataset returning THE SAMPLE
     if mode == 'bar':
         from tqdm.auto import tqdm
         bar = tqdm(total=N, desc=f'caching {key}', unit='sample')
-    i = 0
-    for batch in dl:
-        n = len(batch['meta'])
-        for k in fields: arrs[k][i:i + n] = batch[k].numpy()   # (int32 depth into the uint16 file)
-        for k, col in _meta_columns(batch['meta'], strings).items(): meta[k][i:i + n] = col
-        if bar is not None: bar.update(n)
-        elif mode == 'plain' and i + n < N and (4 * (i + n)) // N > (4 * i) // N:     # a line at each quarter passed
-            say(f'caching {key}: {i + n:,d}/{N:,d} samples after {time.perf_counter() - t0:.0f} s')
-        i += n
-    if bar is not None: bar.close()
+    # shares of whole batches: this process renders the first, forked processes the others (numba compiled above)
+    P = max(1, min(int(processes), N // batch_size)) if num_workers == 0 and 'fork' in mp.get_all_start_methods() else 1
+    cuts = [N * j // P // batch_size * batch_size for j in range(P)] + [N]
+    ctx = mp.get_context('fork') if P > 1 else None
+    counts = [ctx.Value('q', 0, lock=False) for _ in range(P - 1)] if P > 1 else []
+    pipes = [ctx.Pipe(duplex=False) for _ in range(P - 1)] if P > 1 else []
+    procs = [ctx.Process(target=_render_share, daemon=True,
+                         args=(dataset, cuts[j + 1], cuts[j + 2], batch_size, fields, arrs, counts[j], pipes[j][1]))
+             for j in range(P - 1)]
+    try:
+        for j, q in enumerate(procs): q.start(); pipes[j][1].close()   # its end: a process that dies reads as EOF
+        # a stop signal is the main process's to handle
+        dl = DataLoader(torch.utils.data.Subset(dataset, range(cuts[0], cuts[1])), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_StackFields(fields),
+                        worker_init_fn=ignore_stop_signals if num_workers else None)
+        metas, i, told = [], 0, 0
+        for batch in dl:
+            n = len(batch['meta'])
+            for k in fields: arrs[k][i:i + n] = batch[k].numpy()   # (int32 depth into the uint16 file)
+            metas += batch['meta']; i += n
+            done = i + sum(v.value for v in counts)
+            if bar is not None: bar.update(done - told)
+            elif mode == 'plain' and done < N and (4 * done) // N > (4 * told) // N:     # a line at each quarter passed
+                say(f'caching {key}: {done:,d}/{N:,d} samples after {time.perf_counter() - t0:.0f} s')
+            told = done
+        errors = list(getattr(dataset, 'error_report', []))
+        for j, q in enumerate(procs):   # each share's metas and skipped samples, in order
+            try: status, got, more = pipes[j][0].recv()
+            except EOFError: q.join(); status, got, more = 'error', f'it ended (exit code {q.exitcode})', []
+            q.join()
+            if status != 'ok':
+                raise RuntimeError(f'rendering samples {cuts[j + 1]:,d}-{cuts[j + 2] - 1:,d} of {key} in a second process '
+                                   f'failed:\n{got}')
+            metas += got; errors += [e for e in more if e not in errors]
+    finally:
+        for q in procs:
+            if q.is_alive(): q.kill(); q.join()
+    if bar is not None: bar.update(N - told); bar.close()
+    for k, col in _meta_columns(metas, strings).items(): meta[k][:] = col
     for a in [*arrs.values(), *meta.values()]: a.flush()
     del arrs, meta
-    errors = getattr(dataset, 'error_report', [])
     (tmp/'manifest.json').write_text(json.dumps(dict(version=CACHE_VERSION, key=key, num_samples=N, image_size=S,
         with_maps=with_maps, fields={k: [list(s), d] for k, (s, d) in fields.items()}, meta_keys=meta_keys,
         strings=strings, skipped=errors, created=time.strftime('%Y-%m-%d %H:%M:%S')), indent=1))
@@ -206,6 +248,7 @@ class DeviceCache:
                  with_maps: bool = False, # keep depth and seg too
                  key: str | None = None, # cache name; default `dataset_key(dataset)`
                  num_workers: int = 0, # workers for the one-time build
+                 processes: int = 1, # with num_workers 0: processes rendering a missing cache (`build_cache`)
                  rebuild: bool = False, # ignore existing files
                  progress: str | bool = 'quiet', # of a build: 'bar', 'plain' or 'quiet' (`build_cache`)
                 ):
@@ -225,7 +268,8 @@ class DeviceCache:
             n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
             self._check_budget(n, S, with_maps, max_gb)
             t = time.perf_counter()
-            build_cache(dataset, self.cache_dir, key, max_samples, with_maps, num_workers, progress=progress)
+            build_cache(dataset, self.cache_dir, key, max_samples, with_maps, num_workers, processes=processes,
+                        progress=progress)
             self.build_seconds = time.perf_counter() - t
             man = read_manifest(self.path)
         else: self.build_seconds = 0.

@@ -84,6 +84,7 @@ def _cache_kwargs(cfg, train, progress: str) -> dict:
         max_samples=d.cache_max_samples,
         with_maps=d.cache_maps,
         num_workers=d.num_workers,
+        processes=d.cache_processes,
         progress=progress,
     )
 
