@@ -4,12 +4,13 @@
 
 # %% ../nbs/01a_kernels.ipynb #e4b3e72a
 from __future__ import annotations
-import atexit, gc, importlib, json, os, subprocess, sys, threading
+import atexit, errno, gc, importlib, json, os, subprocess, sys, threading, time
+from pathlib import Path
 from typing import Sequence
 
 # %% auto #0
-__all__ = ['WARM_IMPORTS', 'kernel_options', 'warm_imports', 'start_warm_imports', 'join_warm_imports', 'exit_quickly',
-           'start_cache_render', 'WarmKernel']
+__all__ = ['WARM_IMPORTS', 'kernel_options', 'warm_imports', 'start_warm_imports', 'join_warm_imports', 'set_group_nice',
+           'group_nice', 'kernel_ready', 'exit_quickly', 'start_cache_render', 'WarmKernel']
 
 # %% ../nbs/01a_kernels.ipynb #ea09594c
 def kernel_options(verbose: bool = False, # keep the kernel's own log (no ERROR-level filter)
@@ -65,6 +66,34 @@ def join_warm_imports(timeout: float | None = None, # seconds; None: until done
     if _warm_thread is not None: _warm_thread.join(timeout)
     return _warm_thread is None or not _warm_thread.is_alive()
 
+# %% ../nbs/01a_kernels.ipynb #f2c8ddfb
+def set_group_nice(nice: int, # 0 (normal) .. 19 (lowest)
+                   pid: int | str = 'self', # whose group: a process of this user
+                  ) -> bool:
+    "Set the nice value of a process's scheduling autogroup (Linux: its session's share of the CPU); False where there is none."
+    for _ in range(50):   # the kernel allows an unprivileged change every 0.1 s (machine-wide): retry for up to ~5 s
+        try:
+            with open(f'/proc/{pid}/autogroup', 'w') as f: f.write(str(int(nice)))
+            return True
+        except OSError as e:
+            if e.errno != errno.EAGAIN: return False   # no autogroups here (or not allowed): nothing to change
+            time.sleep(0.1)
+    return False
+
+def group_nice(pid: int | str = 'self', # a process
+              ) -> int | None:
+    "The nice value of a process's scheduling autogroup, or None without autogroups."
+    try: return int(Path(f'/proc/{pid}/autogroup').read_text().split()[-1])
+    except (OSError, ValueError, IndexError): return None
+
+def kernel_ready(timeout: float | None = None, # seconds for what is left of the imports
+                ) -> bool:
+    "In a kernel started ahead, before its notebook: imports done (`join_warm_imports`), its group back at nice 0."
+    if group_nice() not in (None, 0): set_group_nice(0)   # lowered by `WarmKernel` while it waited; first: the
+    done = join_warm_imports(timeout)                      # imports left run at full priority now
+    return done and group_nice() in (None, 0)   # still lowered (refused): the caller starts a fresh kernel
+
+
 # %% ../nbs/01a_kernels.ipynb #5fb05115
 _quick_exit = False
 
@@ -86,9 +115,11 @@ except BaseException: sys.exit(1)   # quietly: the caller's prepare_cache render
 
 def start_cache_render(preset: str, # preset name or YAML path
                        overrides: Sequence[str] = (), # dotted overrides (the run's)
+                       quiet: bool = False, # no progress lines (its standard output discarded)
                       ) -> subprocess.Popen:
     "A process rendering the run's missing data-cache files (`prepare_cache`) while this one goes on; exit 0: done."
-    return subprocess.Popen([sys.executable, '-c', _RENDER, json.dumps([str(preset), [str(o) for o in overrides]])])
+    return subprocess.Popen([sys.executable, '-c', _RENDER, json.dumps([str(preset), [str(o) for o in overrides]])],
+                            stdout=subprocess.DEVNULL if quiet else None)
 
 
 # %% ../nbs/01a_kernels.ipynb #e2365288
@@ -99,6 +130,7 @@ class WarmKernel:
                  cwd: str | os.PathLike, # the notebook's working directory
                  verbose: bool = False, # keep the kernel's own log (as `kernel_options`)
                  imports: Sequence[str] = WARM_IMPORTS, # modules its thread imports
+                 lower: bool = True, # its scheduling group at nice 19 until `ready` (False: a kernel needed at once)
                 ):
         from jupyter_client.manager import KernelManager
         opts = kernel_options(verbose)
@@ -109,6 +141,7 @@ class WarmKernel:
         self.km = KernelManager(kernel_name='python3', **({'config': opts['config']} if 'config' in opts else {}))
         self.km.start_kernel(cwd=str(cwd), extra_arguments=[*opts.get('extra_arguments', []),
                              '--HistoryManager.hist_file=:memory:', f'--IPKernelApp.exec_lines={start}'])
+        if lower: set_group_nice(19, self.km.provisioner.pid)   # its session's group yields to the running notebook's
 
     def ready(self, timeout: float = 60, # seconds the imports may still take (at full speed once the machine is free)
              ) -> bool:
@@ -118,7 +151,7 @@ class WarmKernel:
             try:
                 kc.wait_for_ready(timeout=timeout)
                 r = kc.execute_interactive('', silent=True, store_history=False, timeout=timeout + 30, user_expressions={
-                    'done': f'__import__("amt_lib.kernels").kernels.join_warm_imports({timeout})'})
+                    'done': f'__import__("amt_lib.kernels").kernels.kernel_ready({timeout})'})
                 self.is_ready = r['content']['user_expressions']['done']['data']['text/plain'] == 'True'
             except Exception: self.is_ready = False   # it died or never answered
             finally: kc.stop_channels()

@@ -35,11 +35,11 @@ from .stages import *
 from .kernels import kernel_options, WarmKernel
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'SUMMARY_COLUMNS', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals', 'experiments_dir',
-           'run_notebook', 'summary_table', 'learned_verdict', 'video_verdict', 'verdict_table', 'debugging_note',
-           'run_pipeline', 'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights', 'evaluate_pose_head',
-           'evaluate_video', 'evaluate_mask_head', 'run_stage', 'train_command', 'notebook_parameters',
-           'run_notebook_command', 'pipeline_command']
+__all__ = ['EXPERIMENTS', 'SUMMARY_COLUMNS', 'KERNELS_AHEAD', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals',
+           'experiments_dir', 'run_notebook', 'summary_table', 'learned_verdict', 'video_verdict', 'verdict_table',
+           'debugging_note', 'run_pipeline', 'pipeline_disk_budget', 'evaluation_data', 'evaluate_weights',
+           'evaluate_pose_head', 'evaluate_video', 'evaluate_mask_head', 'run_stage', 'train_command',
+           'notebook_parameters', 'run_notebook_command', 'pipeline_command']
 
 # %% ../nbs/10a_pipeline.ipynb #f2ab86aa
 EXPERIMENTS = {'stage1': 'stage1_pretrain.ipynb', 'stage2': 'stage2_joint.ipynb',
@@ -229,6 +229,8 @@ def debugging_note(folder: Path, # <run_dir>/debugging
     )
     return (', '.join(found) + '; ' if found else '') + f'report and figures in {folder}'
 
+KERNELS_AHEAD = 4   # kernels started ahead of the running notebook (all of the main job's)
+
 def run_pipeline(
     preset: str = 'cpu-demo', # preset name or YAML path
     run_dir: str | os.PathLike | None = None, # default runs/<preset>-pipeline-<timestamp>
@@ -274,7 +276,8 @@ def run_pipeline(
             return 'finished'   # stage 3's notebook also runs stage 4
     todo = [st for st in stages if kept(st) is None]
     # each notebook's kernel starts (and imports, at idle priority) while the notebooks before it run: `WarmKernel`
-    warm, ended = {st: WarmKernel(run_dir, verbose) for st in todo[:1]}, []
+    # the first notebook's kernel at normal priority (it is due as soon as the cache is there), the others lowered
+    warm, ended = {st: WarmKernel(run_dir, verbose, lower=i > 0) for i, st in enumerate(todo[:1 + KERNELS_AHEAD])}, []
     try:
         # a first run renders the data cache (or waits for `cache_job`'s render) while the first kernel starts
         if any(st in todo for st in ('stage1', 'stage2', 'stage3')):
@@ -301,7 +304,7 @@ def run_pipeline(
             if st != 'debugging': params['resume'] = bool(resume)
             print(f'[pipeline] {st}: running {EXPERIMENTS[st]} -> {run_dir/(st + ".ipynb")}', flush=True)
             ended.append(kernel := warm.pop(st)); kernel.ready()   # its imports done before the next kernels start
-            for nxt in todo[todo.index(st) + 1:][:2]:   # two ahead: a short stage leaves the next one's imports little time
+            for nxt in todo[todo.index(st) + 1:][:KERNELS_AHEAD]:
                 if nxt not in warm: warm[nxt] = WarmKernel(run_dir, verbose)
             try:   # debugging: its tables stay in its notebook
                 run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params,
