@@ -89,8 +89,9 @@ def group_nice(pid: int | str = 'self', # a process
 def kernel_ready(timeout: float | None = None, # seconds for what is left of the imports
                 ) -> bool:
     "In a kernel started ahead, before its notebook: imports done (`join_warm_imports`), its group back at nice 0."
-    if group_nice() not in (None, 0): set_group_nice(0)   # lowered by `WarmKernel` while it waited; first: the
-    done = join_warm_imports(timeout)                      # imports left run at full priority now
+    # lowered by `WarmKernel` while it waited: back to 0 first, so that the imports left run at full priority
+    if group_nice() not in (None, 0): set_group_nice(0)
+    done = join_warm_imports(timeout)
     return done and group_nice() in (None, 0)   # still lowered (refused): the caller starts a fresh kernel
 
 
