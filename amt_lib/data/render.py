@@ -309,15 +309,19 @@ def vertex_normals(verts, # (V,3)
                    faces, # (F,3) int32
                   ):      # (V,3) unit, area-weighted
     "Vertex normals of a triangle mesh."
+    # scalars only: array temporaries and in-place broadcasts make numba compile its broadcasting helpers and their
+    # error messages (~2 s of a first run's compile, the twenty-second session); the same numbers
     nrm = np.zeros(verts.shape)
     for f in range(faces.shape[0]):
         a, b, c = faces[f, 0], faces[f, 1], faces[f, 2]
-        e1 = verts[b] - verts[a]; e2 = verts[c] - verts[a]
-        cx = e1[1] * e2[2] - e1[2] * e2[1]; cy = e1[2] * e2[0] - e1[0] * e2[2]; cz = e1[0] * e2[1] - e1[1] * e2[0]
+        e1x, e1y, e1z = verts[b, 0] - verts[a, 0], verts[b, 1] - verts[a, 1], verts[b, 2] - verts[a, 2]
+        e2x, e2y, e2z = verts[c, 0] - verts[a, 0], verts[c, 1] - verts[a, 1], verts[c, 2] - verts[a, 2]
+        cx = e1y * e2z - e1z * e2y; cy = e1z * e2x - e1x * e2z; cz = e1x * e2y - e1y * e2x
         for v in (a, b, c):
             nrm[v, 0] += cx; nrm[v, 1] += cy; nrm[v, 2] += cz
     for i in range(verts.shape[0]):
-        nrm[i] /= math.sqrt(nrm[i, 0] ** 2 + nrm[i, 1] ** 2 + nrm[i, 2] ** 2) + 1e-12
+        s = math.sqrt(nrm[i, 0] ** 2 + nrm[i, 1] ** 2 + nrm[i, 2] ** 2) + 1e-12
+        for k in range(3): nrm[i, k] /= s
     return nrm
 
 # %% ../../nbs/06_data.render.ipynb #af6ad44b

@@ -179,7 +179,8 @@ def finger_pose(rig:HandRig,             # gives the flexion, abduction and oppo
                 curl,                    # float or (5,): index..little, thumb; 0 open .. 1 fist (thumb: -1 open)
                )->np.ndarray:            # (45,) axis-angle of the 15 finger joints, MANO order
     "Finger pose within JOINT_LIMITS for a curl level and a hand style."
-    curl = np.ascontiguousarray(np.broadcast_to(np.asarray(curl, np.float64), (5,)))
+    # a writable copy: a read-only array is another type to numba (a second compile of `_finger_pose`)
+    curl = np.array(np.broadcast_to(np.asarray(curl, np.float64), (5,)))
     return _finger_pose(rig.flex_axis, rig.abd_axis, rig.thumb_opp_axis, style['finger'], style['joint'], style['dip'],
                         float(style['spread']), style['abd'], style['thumb'], curl, _LIMITS, _FINGER_MANO,
                         _SPREAD_W)[1:].reshape(45)
@@ -231,17 +232,21 @@ def _grasp_pose(rig, prims, rng, verts, joints, Rh, cls):
 @njit(cache=True)
 def _close_fingers_nb(glob, betas, trans, flex, abd_axis, opp, fnoise, jnoise, dipr, spread, abdn, tu, L, fj, sw,
                       v_template, shapedirs, posedirs, J_template, J_shapedirs, weights, parents, vfinger,
-                      R, t, kind, h, curl0, iters, depth):
+                      R, t, kind, h, curl0, iters, depth, correctives):
     "Bisection per finger on its curl: the largest with that finger's vertices at most `depth` inside the object."
+    # element loops, no slice assignments: those make numba compile its broadcasting helpers (~1.5 s of a first run)
     lo = curl0.copy(); hi = np.ones(5); mid = np.empty(5); pose = np.empty(48); dmin = np.empty(5)
     for _ in range(iters):
         for k in range(5): mid[k] = 0.5 * (lo[k] + hi[k])
         fp = _finger_pose(flex, abd_axis, opp, fnoise, jnoise, dipr, spread, abdn, tu, mid, L, fj, sw)
-        pose[:3] = glob; pose[3:] = fp[1:].reshape(45)
-        v, _ = _lbs(pose, betas, v_template, shapedirs, posedirs, J_template, J_shapedirs, weights, parents, False)
-        for k in range(3): v[:, k] += trans[k]
+        for k in range(3): pose[k] = glob[k]
+        for j in range(1, 16):
+            for k in range(3): pose[3 * j + k] = fp[j, k]
+        v, _ = _lbs(pose, betas, v_template, shapedirs, posedirs, J_template, J_shapedirs, weights, parents, correctives)
+        for i in range(v.shape[0]):
+            for k in range(3): v[i, k] += trans[k]
         d = points_sdf(v, R, t, kind, h)
-        dmin[:] = np.inf
+        for k in range(5): dmin[k] = np.inf
         for i in range(v.shape[0]):
             if vfinger[i] >= 0 and d[i] < dmin[vfinger[i]]: dmin[vfinger[i]] = d[i]
         for k in range(5):
@@ -256,7 +261,8 @@ def _close_fingers(rig, prims, style, pose, betas, trans, cls, R, t, curl0, iter
                              style['thumb'], _LIMITS,
                              _FINGER_MANO, _SPREAD_W, rig.v_template, rig.shapedirs, rig.posedirs, rig.J_template,
                              rig.J_shapedirs, rig.weights, rig.parents, rig.vfinger, R, t, prims.kind[cls - 1],
-                             prims.half[cls - 1], np.asarray(curl0, np.float64), iters, 0.002)
+                             prims.half[cls - 1], np.asarray(curl0, np.float64), iters, 0.002,
+                             False)   # an argument, not a literal False: `_lbs` then has one signature, compiled once
 
 def _free_pose(prims, rng, verts, centre, cls, placed):
     "Pose of an object near the hand touching neither it nor the placed objects; None after 8 tries."
