@@ -248,15 +248,19 @@ def pipeline(overrides: list[str] = (), # dotted key=value overrides for every s
              verbose: bool = False, # papermill's log cell by cell, every number of each log record, debugging tables
             ) -> int:
     "Stage 1 -> 2 -> 3 -> video (when on) -> debugging, each an experiment notebook run with papermill; a summary."
-    from amt_lib.kernels import start_cache_render
+    from amt_lib.kernels import KernelForkServer, start_cache_render
     # a first run's data cache renders in its own process from here on, while this one imports torch and the model
     job = start_cache_render(preset, overrides) if not resume and re.search(r'stage[123]', stages) else None
+    # and the notebooks' kernels are forked from a process that imports their modules once (one thread here yet)
+    server = KernelForkServer.start()
     try:
         from amt_lib.pipeline import pipeline_command
         return pipeline_command(preset=preset, overrides=overrides, run_dir=run_dir, max_steps=max_steps,
-                                max_minutes=max_minutes, stages=stages, resume=resume, verbose=verbose, cache_job=job)
+                                max_minutes=max_minutes, stages=stages, resume=resume, verbose=verbose, cache_job=job,
+                                kernel_server=server)
     finally:   # an early error (a bad option, a full disk): the render is not needed now
         if job is not None and job.poll() is None: job.kill(); job.wait()
+        if server is not None: server.close()
 
 # %% ../nbs/90_cli.ipynb #7a64a48f
 @command

@@ -10,7 +10,8 @@ from typing import Sequence
 
 # %% auto #0
 __all__ = ['WARM_IMPORTS', 'kernel_options', 'warm_imports', 'start_warm_imports', 'join_warm_imports', 'set_group_nice',
-           'group_nice', 'kernel_ready', 'exit_quickly', 'start_cache_render', 'WarmKernel']
+           'group_nice', 'kernel_ready', 'exit_quickly', 'start_cache_render', 'threads_here', 'KernelForkServer',
+           'WarmKernel']
 
 # %% ../nbs/01a_kernels.ipynb #ea09594c
 def kernel_options(verbose: bool = False, # keep the kernel's own log (no ERROR-level filter)
@@ -123,15 +124,205 @@ def start_cache_render(preset: str, # preset name or YAML path
                             stdout=subprocess.DEVNULL if quiet else None)
 
 
+# %% ../nbs/01a_kernels.ipynb #7ab95e47
+_PY_SIGNALS = None   # this interpreter's dispositions at import (a fresh process's): what a forked kernel gets back
+
+def _python_signals() -> dict:
+    "SIGINT, SIGTERM, SIGPIPE, SIGCHLD dispositions as a fresh Python process has them."
+    import signal
+    return {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+            signal.SIGPIPE: signal.SIG_IGN, signal.SIGCHLD: signal.SIG_DFL}
+
+def threads_here() -> int:
+    "Threads of this process (Linux: /proc/self/task; elsewhere the Python threads)."
+    try: return len(os.listdir('/proc/self/task'))
+    except OSError: return threading.active_count()
+
+class _ForkedProcess:
+    "The part of `subprocess.Popen` jupyter_client's provisioner uses, for a kernel a `KernelForkServer` forked."
+    # not this process's child: its end shows on a pidfd; its exit code is not known here (0)
+    stdin = stdout = stderr = None
+    def __init__(self, pid: int):
+        self.pid, self.returncode, self._fd = pid, None, os.pidfd_open(pid)
+    def wait(self, timeout: float | None = None) -> int:
+        import select
+        if self.returncode is None:
+            if not select.select([self._fd], [], [], timeout)[0]: raise subprocess.TimeoutExpired(f'kernel {self.pid}', timeout)
+            os.close(self._fd); self.returncode = 0
+        return self.returncode
+    def poll(self) -> int | None:
+        try: return self.wait(0)
+        except subprocess.TimeoutExpired: return None
+    def send_signal(self, sig: int):
+        if self.poll() is None:
+            try: os.kill(self.pid, sig)
+            except ProcessLookupError: pass
+    def terminate(self): import signal; self.send_signal(signal.SIGTERM)
+    def kill(self): import signal; self.send_signal(signal.SIGKILL)
+
+def _kernel_child(req: dict, close: Sequence) -> None:
+    "In a process just forked by the server: become `python -m ipykernel_launcher <argv>` and never return."
+    import random, signal, traceback
+    code = 1
+    try:
+        for f in close: f.close()                # the server's pipes: its end is seen by the pipeline alone
+        os.setsid()                              # a session (and scheduling group) of its own, as jupyter_client's
+        for s, h in _python_signals().items(): signal.signal(s, h)
+        fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
+        os.chdir(req['cwd']); os.environ.clear(); os.environ.update(req['env'])
+        random.seed()                            # fresh random states, as a new process has them
+        if 'numpy' in sys.modules: sys.modules['numpy'].random.seed()
+        if 'torch' in sys.modules: sys.modules['torch'].manual_seed(sys.modules['torch'].initial_seed())
+        import ipykernel_launcher
+        from ipykernel.kernelapp import IPKernelApp
+        sys.argv = [ipykernel_launcher.__file__, *req['argv']]
+        IPKernelApp.launch_instance(argv=list(req['argv']))
+        code = 0
+    except SystemExit as e: code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException: traceback.print_exc()
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            try: s.flush()
+            except Exception: pass
+        os._exit(code)                           # the parent's atexit handlers are not this kernel's
+
+def _serve(rfd: int, wfd: int, imports: Sequence[str], parent: int) -> None:
+    "The server's loop (a forked process): import, say whether it may fork, then fork a kernel per request line."
+    import signal
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))   # PR_SET_PDEATHSIG: it ends with its parent
+    except Exception: pass
+    if os.getppid() != parent: os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # a Ctrl-C at the terminal is the pipeline's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # kernels are reaped as they end
+    rf, wf = os.fdopen(rfd, 'rb'), os.fdopen(wfd, 'wb', buffering=0)
+    os.environ.setdefault('MPLBACKEND', 'module://matplotlib_inline.backend_inline')   # what ipykernel sets
+    # numpy's and scipy's BLAS (OpenBLAS) start idle worker threads as they load: those are safe, OpenBLAS stops them
+    # before a fork (pthread_atfork) and starts them again when needed; any other thread is not
+    warm_imports(['numpy', 'scipy.linalg'])
+    blas = threads_here()
+    failed = warm_imports([*imports, 'ipykernel_launcher', 'ipykernel.kernelapp'])
+    extra = threads_here() - blas + threading.active_count() - 1
+    ok = extra == 0 and 'ipykernel.kernelapp' not in failed
+    wf.write((json.dumps({'ok': ok, 'threads': extra, 'failed': failed}) + '\n').encode())
+    if not ok: os._exit(0)
+    for line in rf:
+        req = json.loads(line)
+        sys.stdout.flush(); sys.stderr.flush()
+        try: pid = os.fork()
+        except OSError as e: wf.write((json.dumps({'error': str(e)}) + '\n').encode()); continue
+        if pid == 0: _kernel_child(req, (rf, wf))
+        wf.write((json.dumps({'pid': pid}) + '\n').encode())
+    os._exit(0)
+
+class KernelForkServer:
+    "A process that imports the kernels' modules once and forks each kernel from itself (`WarmKernel(server=)`)."
+    def __init__(self,
+                 imports: Sequence[str] = WARM_IMPORTS, # modules it imports before it forks the first kernel
+                ):
+        r1, w1 = os.pipe(); r2, w2 = os.pipe()
+        sys.stdout.flush(); sys.stderr.flush()
+        parent, pid = os.getpid(), os.fork()
+        if pid == 0:
+            os.close(w1); os.close(r2)
+            try: _serve(r1, w2, imports, parent)
+            finally: os._exit(0)
+        os.close(r1); os.close(w2)
+        self.pid, self._w, self._r = pid, os.fdopen(w1, 'wb', buffering=0), os.fdopen(r2, 'rb')
+        self._lock, self.ok, self.why = threading.Lock(), None, None
+
+    @staticmethod
+    def why_not() -> str | None:
+        "Why no server can be forked from this process now (None: it can)."
+        if not sys.platform.startswith('linux') or not hasattr(os, 'pidfd_open'): return 'not Linux (no pidfd)'
+        if (n := threads_here()) != 1: return f'this process runs {n} threads: a fork is not safe'
+        return None
+
+    @classmethod
+    def start(cls, imports: Sequence[str] = WARM_IMPORTS, # modules it imports
+             ) -> KernelForkServer | None:
+        "A server, or None where forking is not safe here (`why_not`: more than one thread, not Linux)."
+        if cls.why_not(): return None
+        try: return cls(imports)
+        except OSError: return None
+
+    def _reply(self, timeout: float) -> dict:
+        import select
+        if not select.select([self._r], [], [], timeout)[0]: raise TimeoutError(f'no answer in {timeout:.0f} s')
+        line = self._r.readline()
+        if not line: raise EOFError('the server ended')
+        return json.loads(line)
+
+    def launch(self,
+               argv: Sequence[str], # ipykernel's arguments (`-f <connection file>` ...)
+               env: dict, # the kernel's environment
+               cwd: str, # its working directory
+               timeout: float = 180., # seconds for the server's imports (first call) and the fork
+              ) -> int | None:
+        "Fork a kernel; its pid, or None when the server cannot (`why` says why; the caller starts one as usual)."
+        with self._lock:
+            try:
+                if self.ok is None:
+                    r = self._reply(timeout); self.ok = bool(r['ok'])
+                    if not self.ok: self.why = (f"its imports started {r['threads']} thread(s) besides BLAS's: a fork is not safe"
+                                                if r['threads'] else f"imports failed: {r['failed']}")
+                if not self.ok: return None
+                self._w.write((json.dumps({'argv': list(argv), 'env': dict(env), 'cwd': str(cwd)}) + '\n').encode())
+                r = self._reply(timeout)
+                if 'pid' not in r: self.why = r.get('error'); return None
+                return int(r['pid'])
+            except (OSError, ValueError, EOFError, TimeoutError) as e:
+                self.ok, self.why = False, f'{type(e).__name__}: {e}'
+                return None
+
+    def close(self):
+        "End the server (the kernels it forked live on until they are shut down)."
+        for f in (self._w, self._r):
+            try: f.close()
+            except OSError: pass
+        try:
+            for _ in range(50):
+                if os.waitpid(self.pid, os.WNOHANG)[0]: return
+                time.sleep(0.02)
+            os.kill(self.pid, 9); os.waitpid(self.pid, 0)
+        except (ChildProcessError, ProcessLookupError): pass
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+_FKM = None
+
+def _fork_kernel_manager():
+    "jupyter_client's KernelManager whose kernel a `KernelForkServer` forks when `.fork_server` is set (imported late)."
+    global _FKM
+    if _FKM is None:
+        from jupyter_client.manager import KernelManager
+        class ForkKernelManager(KernelManager):
+            fork_server = None
+            async def _async_launch_kernel(self, kernel_cmd, **kw):
+                srv, pid = self.fork_server, None
+                plain = all(kw.get(k) is None for k in ('stdin', 'stdout', 'stderr'))
+                ours = len(kernel_cmd) > 3 and os.path.realpath(kernel_cmd[0]) == os.path.realpath(sys.executable)
+                if srv is not None and plain and ours and list(kernel_cmd[1:3]) == ['-m', 'ipykernel_launcher']:
+                    pid = srv.launch(kernel_cmd[3:], dict(kw.get('env') or os.environ), str(kw.get('cwd') or os.getcwd()))
+                if pid is None: return await super()._async_launch_kernel(kernel_cmd, **kw)
+                p = self.provisioner
+                p.process, p.pid, p.pgid, p.cwd = _ForkedProcess(pid), pid, pid, kw.get('cwd')
+                self._reconcile_connection_info(p.connection_info)
+        _FKM = ForkKernelManager
+    return _FKM
+
 # %% ../nbs/01a_kernels.ipynb #e2365288
 class WarmKernel:
-    "A Jupyter kernel started ahead of its notebook, importing `WARM_IMPORTS` at idle priority; papermill runs in `.km`."
+    "A Jupyter kernel started ahead of its notebook (or forked from a `KernelForkServer`); papermill runs in `.km`."
     # `ready()` False: the imports starved (every core busy for long): the caller runs the notebook in a fresh kernel
     def __init__(self,
                  cwd: str | os.PathLike, # the notebook's working directory
                  verbose: bool = False, # keep the kernel's own log (as `kernel_options`)
                  imports: Sequence[str] = WARM_IMPORTS, # modules its thread imports
                  lower: bool = True, # its scheduling group at nice 19 until `ready` (False: a kernel needed at once)
+                 server: KernelForkServer | None = None, # fork it from this server (no imports of its own), else a new process
                 ):
         from jupyter_client.manager import KernelManager
         opts = kernel_options(verbose)
@@ -139,7 +330,9 @@ class WarmKernel:
         start = (f'import amt_lib.kernels as _amt_kernels; _amt_kernels.exit_quickly(); '
                  f'_amt_kernels.start_warm_imports({list(imports)!r}); del _amt_kernels')
         self.is_ready = None
-        self.km = KernelManager(kernel_name='python3', **({'config': opts['config']} if 'config' in opts else {}))
+        self.km = (_fork_kernel_manager() if server else KernelManager)(
+            kernel_name='python3', **({'config': opts['config']} if 'config' in opts else {}))
+        if server: self.km.fork_server = server
         self.km.start_kernel(cwd=str(cwd), extra_arguments=[*opts.get('extra_arguments', []),
                              '--HistoryManager.hist_file=:memory:', f'--IPKernelApp.exec_lines={start}'])
         if lower: set_group_nice(19, self.km.provisioner.pid)   # its session's group yields to the running notebook's

@@ -32,7 +32,7 @@ from .learner.reporting import progress_mode
 from .data.video import build_clip_loaders
 from .runtime import resolve_device
 from .stages import *
-from .kernels import kernel_options, WarmKernel
+from .kernels import kernel_options, KernelForkServer, WarmKernel
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'SUMMARY_COLUMNS', 'KERNELS_AHEAD', 'NotebookFailed', 'NotebookStopped', 'forward_stop_signals',
@@ -242,6 +242,7 @@ def run_pipeline(
     resume: bool = False, # continue the pipeline in `run_dir`: finished stages are kept, the interrupted one resumes
     verbose: bool = False, # papermill's log, every number of each log record, the debugging notebook's tables
     cache_job: subprocess.Popen | None = None, # a process rendering the data cache already (`start_cache_render`)
+    kernel_server: KernelForkServer | None = None, # forks the notebooks' kernels (None: one is started here if safe)
 ) -> dict:
     "Run the experiment notebooks in order, each from the previous one's checkpoint; write and return the summary."
     cfg = load_config(preset, list(overrides))   # fail fast on a bad key or value, before any notebook starts
@@ -277,7 +278,13 @@ def run_pipeline(
     todo = [st for st in stages if kept(st) is None]
     # each notebook's kernel starts (and imports, at idle priority) while the notebooks before it run: `WarmKernel`
     # the first notebook's kernel at normal priority (it is due as soon as the cache is there), the others lowered
-    warm, ended = {st: WarmKernel(run_dir, verbose, lower=i > 0) for i, st in enumerate(todo[:1 + KERNELS_AHEAD])}, []
+    # forked from one process that imported their modules once (`KernelForkServer`): `amt pipeline` starts it before
+    # its own imports; a caller with threads running (numpy's BLAS, a Jupyter kernel) gets kernels that import their own
+    server = kernel_server or (KernelForkServer.start() if todo else None)
+    warm = {st: WarmKernel(run_dir, verbose, lower=i > 0, server=server) for i, st in enumerate(todo[:1 + KERNELS_AHEAD])}
+    ended = []
+    if why := (server.why if server else KernelForkServer.why_not() if todo and verbose else None):
+        print(f'[pipeline] each notebook\'s kernel imports its own modules: {why}', flush=True)
     try:
         # a first run renders the data cache (or waits for `cache_job`'s render) while the first kernel starts
         if any(st in todo for st in ('stage1', 'stage2', 'stage3')):
@@ -305,7 +312,7 @@ def run_pipeline(
             print(f'[pipeline] {st}: running {EXPERIMENTS[st]} -> {run_dir/(st + ".ipynb")}', flush=True)
             ended.append(kernel := warm.pop(st)); kernel.ready()   # its imports done before the next kernels start
             for nxt in todo[todo.index(st) + 1:][:KERNELS_AHEAD]:
-                if nxt not in warm: warm[nxt] = WarmKernel(run_dir, verbose)
+                if nxt not in warm: warm[nxt] = WarmKernel(run_dir, verbose, server=server)
             try:   # debugging: its tables stay in its notebook
                 run_notebook(nb_dir/EXPERIMENTS[st], run_dir/f'{st}.ipynb', params,
                              log_output=log_output and (st != 'debugging' or verbose), cwd=run_dir, verbose=verbose,
@@ -339,6 +346,7 @@ def run_pipeline(
         print(f"[pipeline] summary: {run_dir/'summary.json'}", flush=True)
     finally:
         for k in [*warm.values(), *ended]: k.close()   # those started ahead (a stop or failure), those asked to exit
+        if server is not None and server is not kernel_server: server.close()
     return summary
 
 # %% ../nbs/10a_pipeline.ipynb #865b9578
@@ -720,6 +728,7 @@ def pipeline_command(preset: str = 'cpu-demo', # preset name or YAML path
                      resume: str | os.PathLike | None = None, # continue the pipeline in this folder, its settings
                      verbose: bool = False, # papermill's log cell by cell, every logged number, the debugging tables
                      cache_job: subprocess.Popen | None = None, # a process rendering the data cache (`start_cache_render`)
+                     kernel_server: KernelForkServer | None = None, # forks the notebooks' kernels (`KernelForkServer`)
                     ) -> int: # exit status: 0 finished or stopped cleanly, 1 a notebook failed
     "`amt pipeline`: check the settings, then `run_pipeline` (stage 1 -> 2 -> 3 -> debugging), or continue one."
     if resume:
@@ -740,7 +749,7 @@ def pipeline_command(preset: str = 'cpu-demo', # preset name or YAML path
     if max_minutes is not None and not max_minutes > 0:
         raise ConfigError(f'--max-minutes {max_minutes}: expected a number > 0')
     try: run_pipeline(preset, run_dir, overrides, max_steps, max_minutes, names, resume=bool(resume), verbose=verbose,
-                      cache_job=cache_job)
+                      cache_job=cache_job, kernel_server=kernel_server)
     except NotebookStopped: return 0     # a stop signal: the stage saved; the message says how to resume
     except NotebookFailed as e: print(f'amt pipeline: error: {e}', file=sys.stderr); return 1
     return 0
