@@ -167,6 +167,7 @@ def _kernel_child(req: dict, close: Sequence) -> None:
     try:
         for f in close: f.close()                # the server's pipes: its end is seen by the pipeline alone
         os.setsid()                              # a session (and scheduling group) of its own, as jupyter_client's
+        if req.get('nice'): set_group_nice(req['nice'])   # here, not from outside: before setsid it was the server's group
         for s, h in _python_signals().items(): signal.signal(s, h)
         fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
         os.chdir(req['cwd']); os.environ.clear(); os.environ.update(req['env'])
@@ -175,6 +176,9 @@ def _kernel_child(req: dict, close: Sequence) -> None:
         if 'torch' in sys.modules: sys.modules['torch'].manual_seed(sys.modules['torch'].initial_seed())
         import ipykernel_launcher
         from ipykernel.kernelapp import IPKernelApp
+        # `python -m` puts the working directory first on the path, where the server has its script's folder
+        main_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
+        if sys.path and main_dir and os.path.abspath(sys.path[0] or '.') == main_dir: sys.path[0] = req['cwd']
         sys.argv = [ipykernel_launcher.__file__, *req['argv']]
         IPKernelApp.launch_instance(argv=list(req['argv']))
         code = 0
@@ -259,6 +263,7 @@ class KernelForkServer:
                argv: Sequence[str], # ipykernel's arguments (`-f <connection file>` ...)
                env: dict, # the kernel's environment
                cwd: str, # its working directory
+               nice: int = 0, # its scheduling group's nice value (0 normal .. 19 lowest)
                timeout: float = 180., # seconds for the server's imports (first call) and the fork
               ) -> int | None:
         "Fork a kernel; its pid, or None when the server cannot (`why` says why; the caller starts one as usual)."
@@ -269,7 +274,8 @@ class KernelForkServer:
                     if not self.ok: self.why = (f"its imports started {r['threads']} thread(s) besides BLAS's: a fork is not safe"
                                                 if r['threads'] else f"imports failed: {r['failed']}")
                 if not self.ok: return None
-                self._w.write((json.dumps({'argv': list(argv), 'env': dict(env), 'cwd': str(cwd)}) + '\n').encode())
+                req = {'argv': list(argv), 'env': dict(env), 'cwd': str(cwd), 'nice': int(nice)}
+                self._w.write((json.dumps(req) + '\n').encode())
                 r = self._reply(timeout)
                 if 'pid' not in r: self.why = r.get('error'); return None
                 return int(r['pid'])
@@ -299,13 +305,16 @@ def _fork_kernel_manager():
     if _FKM is None:
         from jupyter_client.manager import KernelManager
         class ForkKernelManager(KernelManager):
-            fork_server = None
+            fork_server, fork_nice = None, 0   # the forked kernel's group nice (`WarmKernel`'s lower: 19)
             async def _async_launch_kernel(self, kernel_cmd, **kw):
                 srv, pid = self.fork_server, None
                 plain = all(kw.get(k) is None for k in ('stdin', 'stdout', 'stderr'))
                 ours = len(kernel_cmd) > 3 and os.path.realpath(kernel_cmd[0]) == os.path.realpath(sys.executable)
                 if srv is not None and plain and ours and list(kernel_cmd[1:3]) == ['-m', 'ipykernel_launcher']:
-                    pid = srv.launch(kernel_cmd[3:], dict(kw.get('env') or os.environ), str(kw.get('cwd') or os.getcwd()))
+                    env = dict(kw.get('env') or os.environ)
+                    # its parent, as jupyter_client sets it: the kernel ends if the server does (which ends with its own)
+                    if not kw.get('independent'): env['JPY_PARENT_PID'] = str(srv.pid)
+                    pid = srv.launch(kernel_cmd[3:], env, str(kw.get('cwd') or os.getcwd()), nice=self.fork_nice)
                 if pid is None: return await super()._async_launch_kernel(kernel_cmd, **kw)
                 p = self.provisioner
                 p.process, p.pid, p.pgid, p.cwd = _ForkedProcess(pid), pid, pid, kw.get('cwd')
@@ -332,10 +341,11 @@ class WarmKernel:
         self.is_ready = None
         self.km = (_fork_kernel_manager() if server else KernelManager)(
             kernel_name='python3', **({'config': opts['config']} if 'config' in opts else {}))
-        if server: self.km.fork_server = server
+        if server: self.km.fork_server, self.km.fork_nice = server, 19 if lower else 0
         self.km.start_kernel(cwd=str(cwd), extra_arguments=[*opts.get('extra_arguments', []),
                              '--HistoryManager.hist_file=:memory:', f'--IPKernelApp.exec_lines={start}'])
-        if lower: set_group_nice(19, self.km.provisioner.pid)   # its session's group yields to the running notebook's
+        # its session's group yields to the running notebook's (a forked kernel set its own, right after its setsid)
+        if lower and not isinstance(self.km.provisioner.process, _ForkedProcess): set_group_nice(19, self.km.provisioner.pid)
 
     def ready(self, timeout: float = 60, # seconds the imports may still take (at full speed once the machine is free)
              ) -> bool:
