@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 # %% auto #0
-__all__ = ['WARM_IMPORTS', 'kernel_options', 'warm_imports', 'start_warm_imports', 'join_warm_imports', 'set_group_nice',
-           'group_nice', 'kernel_ready', 'exit_quickly', 'start_cache_render', 'threads_here', 'KernelForkServer',
-           'WarmKernel']
+__all__ = ['WARM_IMPORTS', 'FRONT_END_MODULES', 'kernel_options', 'warm_imports', 'start_warm_imports', 'join_warm_imports',
+           'set_group_nice', 'group_nice', 'kernel_ready', 'exit_quickly', 'start_cache_render', 'threads_here',
+           'KernelForkServer', 'WarmKernel']
 
 # %% ../nbs/01a_kernels.ipynb #ea09594c
 def kernel_options(verbose: bool = False, # keep the kernel's own log (no ERROR-level filter)
@@ -125,7 +125,12 @@ def start_cache_render(preset: str, # preset name or YAML path
 
 
 # %% ../nbs/01a_kernels.ipynb #7ab95e47
-_PY_SIGNALS = None   # this interpreter's dispositions at import (a fresh process's): what a forked kernel gets back
+# modules that look at the front end when imported, which the server has not: plotly chooses a web browser as its
+# renderer outside a kernel (every figure shown would open one), tqdm.auto the console bar; a forked kernel imports
+# these itself (plotly: `WarmKernel`'s imports; tqdm.auto: dropped from the modules it inherits)
+FRONT_END_MODULES = ('plotly', 'amt_lib.debugging', 'amt_lib.data.viz', 'tqdm.auto', 'tqdm.autonotebook')
+
+def _front_end(name: str) -> bool: return any(name == m or name.startswith(m + '.') for m in FRONT_END_MODULES)
 
 def _python_signals() -> dict:
     "SIGINT, SIGTERM, SIGPIPE, SIGCHLD dispositions as a fresh Python process has them."
@@ -171,6 +176,7 @@ def _kernel_child(req: dict, close: Sequence) -> None:
         for s, h in _python_signals().items(): signal.signal(s, h)
         fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
         os.chdir(req['cwd']); os.environ.clear(); os.environ.update(req['env'])
+        for m in [m for m in sys.modules if _front_end(m)]: del sys.modules[m]   # imported afresh in the kernel
         random.seed()                            # fresh random states, as a new process has them
         if 'numpy' in sys.modules: sys.modules['numpy'].random.seed()
         if 'torch' in sys.modules: sys.modules['torch'].manual_seed(sys.modules['torch'].initial_seed())
@@ -179,8 +185,11 @@ def _kernel_child(req: dict, close: Sequence) -> None:
         # `python -m` puts the working directory first on the path, where the server has its script's folder
         main_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
         if sys.path and main_dir and os.path.abspath(sys.path[0] or '.') == main_dir: sys.path[0] = req['cwd']
-        sys.argv = [ipykernel_launcher.__file__, *req['argv']]
-        IPKernelApp.launch_instance(argv=list(req['argv']))
+        argv = list(req['argv'])
+        # ipykernel read JPY_PARENT_PID when the server imported it: given again, it watches its parent (the server)
+        if req['env'].get('JPY_PARENT_PID'): argv.append(f"--IPKernelApp.parent_handle={req['env']['JPY_PARENT_PID']}")
+        sys.argv = [ipykernel_launcher.__file__, *argv]
+        IPKernelApp.launch_instance(argv=argv)
         code = 0
     except SystemExit as e: code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except BaseException: traceback.print_exc()
@@ -207,10 +216,11 @@ def _serve(rfd: int, wfd: int, imports: Sequence[str], parent: int) -> None:
     # before a fork (pthread_atfork) and starts them again when needed; any other thread is not
     warm_imports(['numpy', 'scipy.linalg'])
     blas = threads_here()
-    failed = warm_imports([*imports, 'ipykernel_launcher', 'ipykernel.kernelapp'])
+    failed = warm_imports([*[m for m in imports if not _front_end(m)], 'ipykernel_launcher', 'ipykernel.kernelapp'])
     extra = threads_here() - blas + threading.active_count() - 1
-    ok = extra == 0 and 'ipykernel.kernelapp' not in failed
-    wf.write((json.dumps({'ok': ok, 'threads': extra, 'failed': failed}) + '\n').encode())
+    front = sorted(m for m in sys.modules if _front_end(m) and m.startswith(('plotly', 'amt_lib')))
+    ok = extra == 0 and not front and 'ipykernel.kernelapp' not in failed
+    wf.write((json.dumps({'ok': ok, 'threads': extra, 'failed': failed, 'front': front}) + '\n').encode())
     if not ok: os._exit(0)
     for line in rf:
         req = json.loads(line)
@@ -272,7 +282,8 @@ class KernelForkServer:
                 if self.ok is None:
                     r = self._reply(timeout); self.ok = bool(r['ok'])
                     if not self.ok: self.why = (f"its imports started {r['threads']} thread(s) besides BLAS's: a fork is not safe"
-                                                if r['threads'] else f"imports failed: {r['failed']}")
+                                                if r['threads'] else f"its imports loaded {r['front']}, which read the front "
+                                                'end as they load' if r['front'] else f"imports failed: {r['failed']}")
                 if not self.ok: return None
                 req = {'argv': list(argv), 'env': dict(env), 'cwd': str(cwd), 'nice': int(nice)}
                 self._w.write((json.dumps(req) + '\n').encode())
