@@ -175,6 +175,9 @@ def _kernel_child(req: dict, close: Sequence) -> None:
         if req.get('nice'): set_group_nice(req['nice'])   # here, not from outside: before setsid it was the server's group
         for s, h in _python_signals().items(): signal.signal(s, h)
         fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)
+        # `python -m` puts the working directory first on the path, where the server has its script's folder
+        main_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
+        if sys.path and main_dir and os.path.abspath(sys.path[0] or '.') == main_dir: sys.path[0] = req['cwd']
         os.chdir(req['cwd']); os.environ.clear(); os.environ.update(req['env'])
         for m in [m for m in sys.modules if _front_end(m)]: del sys.modules[m]   # imported afresh in the kernel
         random.seed()                            # fresh random states, as a new process has them
@@ -182,9 +185,6 @@ def _kernel_child(req: dict, close: Sequence) -> None:
         if 'torch' in sys.modules: sys.modules['torch'].manual_seed(sys.modules['torch'].initial_seed())
         import ipykernel_launcher
         from ipykernel.kernelapp import IPKernelApp
-        # `python -m` puts the working directory first on the path, where the server has its script's folder
-        main_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
-        if sys.path and main_dir and os.path.abspath(sys.path[0] or '.') == main_dir: sys.path[0] = req['cwd']
         argv = list(req['argv'])
         # ipykernel read JPY_PARENT_PID when the server imported it: given again, it watches its parent (the server)
         if req['env'].get('JPY_PARENT_PID'): argv.append(f"--IPKernelApp.parent_handle={req['env']['JPY_PARENT_PID']}")
